@@ -1,0 +1,58 @@
+//! Admin HTTP listener: `/healthz` (the process is alive) and `/readyz` (the upstream
+//! topology is known and the proxy is not draining). A deliberately tiny HTTP/1.1
+//! responder: probes send one small GET and close.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::Proxy;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let px = px.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let n = match tokio::time::timeout(REQUEST_TIMEOUT, sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = route(&px, path);
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, sock.write_all(resp.as_bytes())).await;
+        });
+    }
+}
+
+fn route(px: &Proxy, path: &str) -> (&'static str, String) {
+    match path {
+        "/healthz" => ("200 OK", "ok\n".into()),
+        "/readyz" => {
+            if px.draining.load(Ordering::Acquire) {
+                ("503 Service Unavailable", "draining\n".into())
+            } else if px.upstream.topology().is_ok() {
+                ("200 OK", "ready\n".into())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    format!("upstream not ready: {}\n", px.upstream.last_error()),
+                )
+            }
+        }
+        _ => ("404 Not Found", "not found\n".into()),
+    }
+}

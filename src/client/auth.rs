@@ -1,0 +1,111 @@
+//! Front-end authentication: the `default` user's password (requirepass style) and named
+//! users whose passwords are stored as SHA-256 hashes. Comparisons are constant-time.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::AuthConfig;
+use crate::error::Error;
+
+pub struct Auth {
+    default_hash: Option<[u8; 32]>,
+    users: HashMap<String, [u8; 32]>,
+}
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+fn from_hex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        *out.get_mut(i)? = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Auth {
+    pub fn new(cfg: &AuthConfig) -> Auth {
+        Auth {
+            default_hash: cfg
+                .password
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .map(|p| sha256(p.as_bytes())),
+            users: cfg
+                .users
+                .iter()
+                // validate() checked the hex; a bad entry can never match.
+                .filter_map(|u| Some((u.name.clone(), from_hex(&u.password_sha256)?)))
+                .collect(),
+        }
+    }
+
+    /// Whether a new connection must authenticate before running commands.
+    pub fn required(&self) -> bool {
+        self.default_hash.is_some() || !self.users.is_empty()
+    }
+
+    /// Checks `AUTH [user] pass`; returns the authenticated user name.
+    pub fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
+        let given = sha256(pass);
+        match user {
+            None | Some(b"default") => {
+                if user.is_none() && !self.required() {
+                    return Err(Error::redis(
+                        "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                    ));
+                }
+                match &self.default_hash {
+                    Some(h) if ct_eq(h, &given) => Ok("default".into()),
+                    // Redis's default user is "nopass" when no password is set.
+                    None if !self.required() => Ok("default".into()),
+                    _ => Err(Error::wrongpass()),
+                }
+            }
+            Some(name) => {
+                let name = String::from_utf8_lossy(name);
+                match self.users.get(name.as_ref()) {
+                    Some(h) if ct_eq(h, &given) => Ok(name.into_owned()),
+                    _ => Err(Error::wrongpass()),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserConfig;
+
+    #[test]
+    fn users_and_default() {
+        let hash: String = sha256(b"pw2").iter().map(|b| format!("{b:02x}")).collect();
+        let a = Auth::new(&AuthConfig {
+            password: Some("pw".into()),
+            users: vec![UserConfig {
+                name: "app".into(),
+                password_sha256: hash,
+            }],
+        });
+        assert!(a.required());
+        assert_eq!(a.check(None, b"pw").unwrap(), "default");
+        assert_eq!(a.check(Some(b"app"), b"pw2").unwrap(), "app");
+        assert!(a.check(Some(b"app"), b"pw").is_err());
+        assert!(a.check(None, b"nope").is_err());
+        let open = Auth::new(&AuthConfig::default());
+        assert!(!open.required());
+        assert!(open
+            .check(None, b"x")
+            .unwrap_err()
+            .to_string()
+            .contains("without any password"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Client connections: the accept loop (maxclients), and each connection's loop:
+//! read a batch → parse → dispatch every command (queued upstream at once) → resolve the
+//! replies in order → one write. A bad frame closes only its own connection.
+
+pub mod auth;
+pub mod session;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::parse::request::{parse_batch, Limits};
+use crate::respond::Value;
+use crate::route::{self, Pending};
+use crate::Proxy;
+use session::{ReplyMode, Session};
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Accepts until `shutdown` flips, then returns (open connections finish on their own).
+pub async fn accept_loop(
+    px: Arc<Proxy>,
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(px.cfg.client.maxclients));
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => return,
+        };
+        let (sock, addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        px.stats.connections.fetch_add(1, Ordering::Relaxed);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let px = px.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    px.active.fetch_add(1, Ordering::AcqRel);
+                    if let Err(e) = serve(&px, sock, addr, shutdown).await {
+                        tracing::debug!(client = %addr, error = %e, "client connection ended");
+                    }
+                    px.active.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Err(_) => {
+                px.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut sock = sock;
+                    let _ = sock
+                        .write_all(b"-ERR max number of clients reached\r\n")
+                        .await;
+                    let _ = sock.shutdown().await;
+                });
+            }
+        }
+    }
+}
+
+async fn serve(
+    px: &Arc<Proxy>,
+    sock: TcpStream,
+    addr: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let laddr = sock.local_addr()?;
+    let _ = sock.set_nodelay(true);
+    let entry = px.clients.register(addr, laddr, px.started);
+    let id = entry.id;
+    let mut sess = Session::new(entry, px.auth.required());
+    let result = conn_loop(px, sock, &mut sess, &mut shutdown).await;
+    px.clients.remove(id);
+    result
+}
+
+async fn conn_loop(
+    px: &Arc<Proxy>,
+    sock: TcpStream,
+    sess: &mut Session,
+    shutdown: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let cfg = &px.cfg.client;
+    let idle = (cfg.idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.idle_timeout_secs));
+    let (mut rd, mut wr) = sock.into_split();
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    let mut reqs = Vec::new();
+    let mut pending: Vec<(Pending, crate::respond::Proto, bool)> = Vec::new();
+    loop {
+        let limits = Limits {
+            proto_max_bulk_len: cfg.proto_max_bulk_len as i64,
+            unauthenticated: !sess.authenticated,
+        };
+        let parse_err = parse_batch(&mut inbuf, limits, cfg.max_inflight, &mut reqs).err();
+        if reqs.is_empty() && parse_err.is_none() {
+            if inbuf.len() as u64 > cfg.query_buffer_limit {
+                tracing::warn!(client = %sess.entry.addr, "closing client that reached max query buffer length");
+                return Ok(());
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
+                inbuf.reserve(READ_CHUNK);
+            }
+            let read = async {
+                match idle {
+                    Some(d) => tokio::time::timeout(d, rd.read_buf(&mut inbuf)).await.ok(),
+                    None => Some(rd.read_buf(&mut inbuf).await),
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    None => return Ok(()), // idle timeout, closed silently as Redis does
+                    Some(Ok(0)) => return Ok(()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            }
+            sess.entry
+                .last_active_ms
+                .store(px.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            continue;
+        }
+
+        for req in reqs.drain(..) {
+            let is_client_reply = req.args.len() == 3
+                && req.args[0].eq_ignore_ascii_case(b"client")
+                && req.args[1].eq_ignore_ascii_case(b"reply");
+            let before = sess.reply_mode;
+            let p = route::dispatch(px, sess, req).await;
+            let silent = if is_client_reply {
+                sess.reply_mode != ReplyMode::On
+            } else {
+                if before == ReplyMode::Skip {
+                    sess.reply_mode = ReplyMode::On;
+                }
+                before != ReplyMode::On
+            };
+            pending.push((p, sess.proto, silent));
+            if sess.closing {
+                break;
+            }
+        }
+        for (p, proto, silent) in pending.drain(..) {
+            let v = p.resolve(px).await;
+            if is_error_reply(&v) {
+                px.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            if !silent {
+                v.encode(proto, &mut out);
+            }
+        }
+        if let Some(e) = &parse_err {
+            px.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %sess.entry.addr, error = %e, "protocol error; closing client");
+            e.to_reply().encode(sess.proto, &mut out);
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+            if out.capacity() > 4 * 1024 * 1024 {
+                out = BytesMut::with_capacity(READ_CHUNK);
+            }
+        }
+        if sess.closing || parse_err.is_some() {
+            let _ = wr.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+fn is_error_reply(v: &Value) -> bool {
+    match v {
+        Value::Error(_) => true,
+        Value::Raw(b) => crate::parse::reply::is_error(b),
+        _ => false,
+    }
+}

@@ -1,0 +1,418 @@
+//! Typed configuration: defaults (named constants with units) < TOML file < environment
+//! < command line. `validate()` names the offending key; `--check-config` runs it.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::StartError;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9121";
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:6379";
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1_000;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 2;
+pub const DEFAULT_TOPOLOGY_REFRESH_MS: u64 = 10_000;
+pub const DEFAULT_MAX_REDIRECTS: u32 = 5;
+pub const DEFAULT_MAXCLIENTS: usize = 10_000;
+/// Redis's default `proto-max-bulk-len`.
+pub const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
+/// Redis's default `client-query-buffer-limit`.
+pub const DEFAULT_QUERY_BUFFER_LIMIT: u64 = 1024 * 1024 * 1024;
+pub const DEFAULT_MAX_INFLIGHT: usize = 1_024;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 0;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client-facing RESP listener.
+    pub listen: String,
+    /// Admin HTTP listener (`/healthz`, `/readyz`); empty disables it.
+    pub admin_listen: String,
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    pub shutdown_timeout_ms: u64,
+    pub upstream: UpstreamConfig,
+    pub client: ClientConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Seeds: `host:port`, `redis://[user:pass@]host:port` or `rediss://…`.
+    pub seeds: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub connect_timeout_ms: u64,
+    /// Every upstream request fails with an error reply after this long.
+    pub request_timeout_ms: u64,
+    /// Pipelined data connections per node and protocol version.
+    pub connections_per_node: usize,
+    pub topology_refresh_interval_ms: u64,
+    pub max_redirects: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    pub maxclients: usize,
+    pub proto_max_bulk_len: u64,
+    pub query_buffer_limit: u64,
+    /// Commands of one connection in flight at once; more are read only after replies.
+    pub max_inflight: usize,
+    /// Close a client idle this long; 0 = never (Redis's `timeout 0`).
+    pub idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Password of the `default` user (requirepass). Prefer `TIERPROXY_PASSWORD`.
+    pub password: Option<String>,
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Hex SHA-256 of the password; plaintext passwords are never stored in the file.
+    pub password_sha256: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error|warn|info|debug|trace` or a tracing filter; `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.into(),
+            admin_listen: DEFAULT_ADMIN_LISTEN.into(),
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            upstream: UpstreamConfig::default(),
+            client: ClientConfig::default(),
+            auth: AuthConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            seeds: vec![DEFAULT_UPSTREAM.into()],
+            username: None,
+            password: None,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            connections_per_node: DEFAULT_CONNECTIONS_PER_NODE,
+            topology_refresh_interval_ms: DEFAULT_TOPOLOGY_REFRESH_MS,
+            max_redirects: DEFAULT_MAX_REDIRECTS,
+        }
+    }
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            maxclients: DEFAULT_MAXCLIENTS,
+            proto_max_bulk_len: DEFAULT_PROTO_MAX_BULK_LEN,
+            query_buffer_limit: DEFAULT_QUERY_BUFFER_LIMIT,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Command-line values that override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+}
+
+/// A parsed upstream seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Seed {
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `host:port`, `[v6]:port`, `redis://[user[:pass]@]host[:port][/0]`, `rediss://…`.
+pub fn parse_seed(s: &str) -> Result<Seed, String> {
+    let s = s.trim();
+    let (tls, rest) = if let Some(r) = s.strip_prefix("rediss://") {
+        (true, r)
+    } else if let Some(r) = s.strip_prefix("redis://") {
+        (false, r)
+    } else if s.contains("://") {
+        return Err(format!("{s:?}: scheme must be redis:// or rediss://"));
+    } else {
+        (false, s)
+    };
+    let rest = rest.split('/').next().unwrap_or_default();
+    let (userinfo, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let (username, password) = match userinfo {
+        None => (None, None),
+        Some(u) => match u.split_once(':') {
+            Some((user, pass)) => (
+                (!user.is_empty()).then(|| user.to_string()),
+                Some(pass.to_string()),
+            ),
+            None => (None, Some(u.to_string())),
+        },
+    };
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        let (h, p) = h
+            .split_once(']')
+            .ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or(""))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (hostport.to_string(), ""),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?}: missing host"));
+    }
+    let port = if port.is_empty() {
+        6379
+    } else {
+        port.parse::<u16>()
+            .map_err(|_| format!("{s:?}: bad port {port:?}"))?
+    };
+    Ok(Seed {
+        host,
+        port,
+        tls,
+        username,
+        password,
+    })
+}
+
+impl Config {
+    /// Loads defaults < file < environment < overrides, then validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, StartError> {
+        let mut cfg = match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(StartError::Config(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment::Figment::new()
+                    .merge(<figment::providers::Toml as figment::providers::Format>::file(path))
+                    .extract::<Config>()
+                    .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        if let Some(v) = &overrides.listen {
+            cfg.listen = v.clone();
+        }
+        if let Some(v) = &overrides.admin_listen {
+            cfg.admin_listen = v.clone();
+        }
+        if let Some(v) = &overrides.upstream {
+            cfg.upstream.seeds = split_list(v);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Environment overrides, using the seed application's names where they exist.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), StartError> {
+        if let Some(v) = get("REDIS_ADDR") {
+            self.upstream.seeds = split_list(&v);
+        }
+        if let Some(v) = get("REDIS_PASSWORD") {
+            self.upstream.password = Some(v);
+        }
+        if let Some(v) = get("REDIS_USERNAME") {
+            self.upstream.username = Some(v);
+        }
+        if let Some(v) = get("TIERPROXY_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = get("TIERPROXY_ADMIN_LISTEN") {
+            self.admin_listen = v;
+        }
+        if let Some(v) = get("TIERPROXY_PASSWORD") {
+            self.auth.password = Some(v);
+        }
+        if let Some(v) = get("TIERPROXY_MAXCLIENTS") {
+            self.client.maxclients = v.parse().map_err(|_| {
+                StartError::Config(format!(
+                    "TIERPROXY_MAXCLIENTS (client.maxclients): {v:?} is not a number"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), StartError> {
+        let bad = |key: &str, why: String| Err(StartError::Config(format!("{key}: {why}")));
+        if let Err(e) = self.listen.parse::<std::net::SocketAddr>() {
+            return bad(
+                "listen",
+                format!("{:?} is not an ip:port address ({e})", self.listen),
+            );
+        }
+        if !self.admin_listen.is_empty() {
+            if let Err(e) = self.admin_listen.parse::<std::net::SocketAddr>() {
+                return bad(
+                    "admin_listen",
+                    format!("{:?} is not an ip:port address ({e})", self.admin_listen),
+                );
+            }
+        }
+        if self.upstream.seeds.is_empty() {
+            return bad("upstream.seeds", "at least one seed is required".into());
+        }
+        for s in &self.upstream.seeds {
+            if let Err(e) = parse_seed(s) {
+                return bad("upstream.seeds", e);
+            }
+        }
+        let u = &self.upstream;
+        for (key, v) in [
+            ("upstream.connect_timeout_ms", u.connect_timeout_ms),
+            ("upstream.request_timeout_ms", u.request_timeout_ms),
+            (
+                "upstream.topology_refresh_interval_ms",
+                u.topology_refresh_interval_ms,
+            ),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(key, "must be greater than 0".into());
+            }
+        }
+        if u.connections_per_node == 0 || u.connections_per_node > 64 {
+            return bad("upstream.connections_per_node", "must be 1..=64".into());
+        }
+        let c = &self.client;
+        if c.maxclients == 0 {
+            return bad("client.maxclients", "must be greater than 0".into());
+        }
+        if c.max_inflight == 0 {
+            return bad("client.max_inflight", "must be greater than 0".into());
+        }
+        if c.proto_max_bulk_len < 1024 || c.proto_max_bulk_len > i64::MAX as u64 {
+            return bad("client.proto_max_bulk_len", "must be at least 1024".into());
+        }
+        if c.query_buffer_limit < 1024 * 1024 {
+            return bad("client.query_buffer_limit", "must be at least 1 MiB".into());
+        }
+        for (i, user) in self.auth.users.iter().enumerate() {
+            let h = &user.password_sha256;
+            if user.name.is_empty() {
+                return bad(&format!("auth.users[{i}].name"), "must not be empty".into());
+            }
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(
+                    &format!("auth.users[{i}].password_sha256"),
+                    "must be 64 hex digits (sha256 of the password)".into(),
+                );
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad(
+                "log.format",
+                format!("{:?}: must be \"text\" or \"json\"", self.log.format),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn seeds(&self) -> Vec<Seed> {
+        // validate() has checked every seed parses.
+        self.upstream
+            .seeds
+            .iter()
+            .filter_map(|s| parse_seed(s).ok())
+            .collect()
+    }
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_parse() {
+        assert_eq!(parse_seed("127.0.0.1:7000").unwrap().port, 7000);
+        let s = parse_seed("rediss://app:s3cr:et@cache.example:6380/0").unwrap();
+        assert!(s.tls);
+        assert_eq!(s.username.as_deref(), Some("app"));
+        assert_eq!(s.password.as_deref(), Some("s3cr:et"));
+        assert_eq!(s.addr(), "cache.example:6380");
+        let s = parse_seed("redis://:pw@[::1]:7001").unwrap();
+        assert_eq!(s.username, None);
+        assert_eq!(s.addr(), "[::1]:7001");
+        assert!(parse_seed("http://x").is_err());
+        assert!(parse_seed("h:notaport").is_err());
+    }
+
+    #[test]
+    fn env_precedence_and_validation() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "REDIS_ADDR" => Some("a:1, b:2".into()),
+            "TIERPROXY_MAXCLIENTS" => Some("7".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.upstream.seeds, vec!["a:1", "b:2"]);
+        assert_eq!(c.client.maxclients, 7);
+        c.client.max_inflight = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("client.max_inflight"), "{e}");
+    }
+}

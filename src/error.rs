@@ -1,0 +1,158 @@
+//! Typed errors. Each knows where it came from (client input, the upstream, the proxy
+//! itself) and becomes a RESP error reply in exactly one place: [`Error::to_reply`].
+//! Redis's own wording is used wherever Redis has one; otherwise `ERR tierproxy: …`.
+
+use crate::respond::Value;
+
+/// A request-level failure: the client gets one error reply, the connection stays usable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A reply Redis itself would give, carried verbatim (without the leading `-`).
+    #[error("{0}")]
+    Redis(String),
+    #[error("upstream {addr}: {source}")]
+    Upstream {
+        addr: String,
+        #[source]
+        source: UpstreamError,
+    },
+    #[error("upstream topology is not known yet: {0}")]
+    NoTopology(String),
+    #[error("{0}")]
+    Proxy(String),
+}
+
+/// Why an upstream request failed. Cloneable because one failure may fail many requests.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect failed: {0}")]
+    Connect(String),
+    #[error("connect timed out after {0} ms")]
+    ConnectTimeout(u64),
+    #[error("no reply within {0} ms")]
+    Timeout(u64),
+    #[error("connection lost")]
+    ConnectionLost,
+    #[error("protocol error in reply: {0}")]
+    Protocol(String),
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    #[error("too many redirects (last: {0})")]
+    TooManyRedirects(String),
+}
+
+impl Error {
+    pub fn redis(msg: impl Into<String>) -> Error {
+        Error::Redis(msg.into())
+    }
+
+    pub fn proxy(msg: impl Into<String>) -> Error {
+        Error::Proxy(msg.into())
+    }
+
+    /// `ERR wrong number of arguments for 'get' command`
+    pub fn arity(fullname: &str) -> Error {
+        Error::Redis(format!(
+            "ERR wrong number of arguments for '{fullname}' command"
+        ))
+    }
+
+    pub fn syntax() -> Error {
+        Error::redis("ERR syntax error")
+    }
+
+    pub fn crossslot() -> Error {
+        Error::redis("CROSSSLOT Keys in request don't hash to the same slot")
+    }
+
+    pub fn noauth() -> Error {
+        Error::redis("NOAUTH Authentication required.")
+    }
+
+    pub fn wrongpass() -> Error {
+        Error::redis("WRONGPASS invalid username-password pair or user is disabled.")
+    }
+
+    /// Redis's reply to an unknown command, including its 128-byte truncation rules.
+    pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Error {
+        let mut list = String::new();
+        for a in args {
+            if list.len() >= 128 {
+                break;
+            }
+            let room = 128 - list.len();
+            let s = String::from_utf8_lossy(a);
+            let s: String = s.chars().take(room).collect();
+            list.push('\'');
+            list.push_str(&s);
+            list.push_str("' ");
+        }
+        let name = String::from_utf8_lossy(name);
+        let name: String = name.chars().take(128).collect();
+        Error::Redis(format!(
+            "ERR unknown command '{name}', with args beginning with: {list}"
+        ))
+    }
+
+    pub fn unknown_subcommand(sub: &[u8], container: &str) -> Error {
+        let sub = String::from_utf8_lossy(sub);
+        let sub: String = sub.chars().take(128).collect();
+        Error::Redis(format!(
+            "ERR unknown subcommand '{sub}'. Try {} HELP.",
+            container.to_ascii_uppercase()
+        ))
+    }
+
+    /// The only function that turns an error into a RESP error reply.
+    pub fn to_reply(&self) -> Value {
+        match self {
+            Error::Redis(msg) => Value::Error(msg.clone()),
+            other => Value::Error(format!("ERR tierproxy: {other}")),
+        }
+    }
+}
+
+/// Start-up and configuration failures (never reach a client).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("config: {0}")]
+    Config(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upstream: {0}")]
+    Upstream(String),
+}
+
+/// A client sent bytes that are not RESP: the connection is answered once and closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Protocol error: {0}")]
+pub struct ProtocolError(pub String);
+
+impl ProtocolError {
+    pub fn to_reply(&self) -> Value {
+        Value::Error(format!("ERR {self}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_command_matches_redis() {
+        let e = Error::unknown_command(b"foo", &[bytes::Bytes::from("a"), "b".into()]);
+        assert_eq!(
+            e.to_string(),
+            "ERR unknown command 'foo', with args beginning with: 'a' 'b' "
+        );
+        let e = Error::unknown_command(b"foo", &[]);
+        assert_eq!(
+            e.to_string(),
+            "ERR unknown command 'foo', with args beginning with: "
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! tierproxy: a Redis-protocol proxy that looks like one ordinary Redis server and
+//! forwards to a Redis Cluster (or one standalone server).
+//!
+//! # The life of a request
+//!
+//! 1. [`client`] accepts a connection (bounded by `maxclients`) and keeps its
+//!    [`client::session::Session`]: protocol version, authentication, name, reply mode.
+//! 2. [`parse::request`] cuts complete RESP or inline commands off the read buffer,
+//!    zero-copy, with Redis's own limits and `Protocol error` replies.
+//! 3. [`route::dispatch`] classifies the command from the [`parse::table`] (built from
+//!    the backend's `COMMAND` reply, with tierproxy's policy overlay) and either answers
+//!    it locally (PING, HELLO, CLIENT, CONFIG GET, CLUSTER, INFO), forwards it to the owner
+//!    of its keys' slot, splits it across slots and merges (MGET, MSET, DEL, …), or fans it
+//!    out to every master (SCAN, DBSIZE, KEYS, FLUSHALL).
+//! 4. [`upstream`] queues the original bytes on a pipelined connection to the node
+//!    (`start`), and later waits for the raw reply (`finish`), following MOVED/ASK.
+//!    [`upstream::topology`] keeps the slot map current through fred.
+//! 5. [`respond`] encodes local replies in the client's protocol; forwarded replies go
+//!    back as the upstream sent them, in request order, one write per batch.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod parse;
+pub mod respond;
+pub mod route;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+
+use config::Config;
+use error::StartError;
+
+/// Counters behind INFO stats (and, later, the metrics endpoint).
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub rejected: AtomicU64,
+    pub commands: AtomicU64,
+    pub errors: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+impl Stats {
+    /// CONFIG RESETSTAT.
+    pub fn reset(&self) {
+        for c in [
+            &self.connections,
+            &self.rejected,
+            &self.commands,
+            &self.errors,
+            &self.auth_failures,
+            &self.protocol_errors,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Everything a connection needs, shared.
+pub struct Proxy {
+    pub cfg: Config,
+    pub upstream: Arc<upstream::Upstream>,
+    pub clients: client::session::Registry,
+    pub auth: client::auth::Auth,
+    pub stats: Stats,
+    pub started: Instant,
+    pub local_port: AtomicU16,
+    pub draining: AtomicBool,
+    /// Client connections being served right now (for the shutdown drain).
+    pub active: AtomicUsize,
+}
+
+/// Binds, serves until `shutdown` resolves, drains, and returns.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.listen.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let admin = if cfg.admin_listen.is_empty() {
+        None
+    } else {
+        Some(
+            TcpListener::bind(&cfg.admin_listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: cfg.admin_listen.clone(),
+                    source,
+                })?,
+        )
+    };
+
+    let upstream = upstream::Upstream::new(&cfg);
+    let px = Arc::new(Proxy {
+        auth: client::auth::Auth::new(&cfg.auth),
+        upstream: upstream.clone(),
+        clients: Default::default(),
+        stats: Stats::default(),
+        started: Instant::now(),
+        local_port: AtomicU16::new(local.port()),
+        draining: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        cfg,
+    });
+    let topo_task = tokio::spawn(upstream::topology::run(upstream));
+    let admin_task = admin.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "admin listening");
+        }
+        tokio::spawn(admin::serve(px.clone(), l))
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accept = tokio::spawn(client::accept_loop(px.clone(), listener, stop_rx));
+    tracing::info!(addr = %local, "listening");
+    // The one line scripts and tests wait for; logs go to stderr.
+    println!("tierproxy listening on {local}");
+
+    shutdown.await;
+    tracing::info!("shutting down: draining client connections");
+    px.draining.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let _ = accept.await;
+    let deadline = Instant::now() + Duration::from_millis(px.cfg.shutdown_timeout_ms);
+    while px.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = px.active.load(Ordering::Acquire);
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain deadline reached; closing remaining connections"
+        );
+    }
+    topo_task.abort();
+    if let Some(t) = admin_task {
+        t.abort();
+    }
+    Ok(())
+}

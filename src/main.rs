@@ -1,0 +1,104 @@
+//! The `tierproxy` binary: parse the command line, load and validate the config, start
+//! logging, and run until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tierproxy::config::{Config, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tierproxy",
+    version,
+    about = "Redis-protocol proxy with an L1 cache and S3 spill"
+)]
+struct Cli {
+    /// TOML config file (see conf/tierproxy.example.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Client listener address, e.g. 127.0.0.1:6380.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Upstream seeds: host:port or redis://[user:pass@]host:port, comma-separated.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Admin HTTP listener (/healthz, /readyz).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Validate the configuration and exit (0 = valid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGTERM handler");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen,
+        admin_listen: cli.admin_listen,
+        upstream: cli.upstream,
+    };
+    let cfg = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tierproxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!("tierproxy: configuration OK");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tierproxy: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(tierproxy::run(cfg, shutdown_signal())) {
+        Ok(()) => {
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tierproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Parsing: client requests in, upstream replies framed, and the command table.
+
+pub mod reply;
+pub mod request;
+pub mod table;

@@ -1,0 +1,425 @@
+//! Client request framing: RESP multibulk and inline commands, with Redis's own limits
+//! and `Protocol error: …` wording (Redis 7 `processMultibulkBuffer`/`processInlineBuffer`).
+//!
+//! Parsing is zero-copy: a batch of complete requests is cut off the read buffer as one
+//! frozen `Bytes`, and each argument is a slice of it. The original frame bytes are kept
+//! so that a forwarded request goes upstream exactly as the client sent it.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::error::ProtocolError;
+
+/// Redis's `PROTO_INLINE_MAX_SIZE`: the longest inline command or count line.
+pub const PROTO_INLINE_MAX_SIZE: usize = 64 * 1024;
+/// Redis's limits for clients that have not authenticated yet.
+const UNAUTH_MAX_MULTIBULK: i64 = 10;
+const UNAUTH_MAX_BULK: i64 = 16384;
+
+/// One client command.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub args: Vec<Bytes>,
+    /// The bytes to forward: the client's own multibulk, or the inline command re-encoded.
+    pub raw: Bytes,
+}
+
+impl Request {
+    pub fn from_args(args: Vec<Bytes>) -> Request {
+        let raw = crate::respond::command_bytes(&args);
+        Request { args, raw }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub proto_max_bulk_len: i64,
+    /// Apply Redis's tighter limits for clients that have not authenticated.
+    pub unauthenticated: bool,
+}
+
+enum Frame {
+    /// Argument ranges into the batch, plus the frame's own range.
+    Multi {
+        args: Vec<(usize, usize)>,
+        start: usize,
+        end: usize,
+    },
+    Inline(Vec<Bytes>),
+    /// Empty multibulk or blank inline line: consumed, answered with nothing (as Redis).
+    Empty,
+}
+
+/// Cuts as many complete requests as possible (at most `max`) off the front of `buf`.
+/// On a protocol error the requests before it are still returned, with the error; the
+/// caller answers them, then the error, then closes the connection.
+pub fn parse_batch(
+    buf: &mut BytesMut,
+    limits: Limits,
+    max: usize,
+    out: &mut Vec<Request>,
+) -> Result<(), ProtocolError> {
+    let mut frames = Vec::new();
+    let mut pos = 0usize;
+    let mut result = Ok(());
+    while frames.len() < max && pos < buf.len() {
+        match parse_one(&buf[pos..], limits) {
+            Ok(Some((frame, used))) => {
+                let frame = match frame {
+                    Frame::Multi { args, start, end } => Frame::Multi {
+                        args: args.into_iter().map(|(s, e)| (s + pos, e + pos)).collect(),
+                        start: start + pos,
+                        end: end + pos,
+                    },
+                    other => other,
+                };
+                frames.push(frame);
+                pos += used;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+        // Only the first request of a batch may be affected by a change of auth state;
+        // the caller re-parses after AUTH anyway because it processes in order.
+        if limits.unauthenticated {
+            break;
+        }
+    }
+    if pos > 0 {
+        let batch = buf.split_to(pos).freeze();
+        for frame in frames {
+            match frame {
+                Frame::Multi { args, start, end } => out.push(Request {
+                    args: args.iter().map(|&(s, e)| batch.slice(s..e)).collect(),
+                    raw: batch.slice(start..end),
+                }),
+                Frame::Inline(args) => out.push(Request::from_args(args)),
+                Frame::Empty => {}
+            }
+        }
+    }
+    result
+}
+
+fn find_cr(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\r')
+}
+
+/// Redis's `string2ll`: strict decimal, no leading `+`, no spaces.
+fn parse_ll(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (neg, digits) = match s[0] {
+        b'-' => (true, &s[1..]),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits[0] == b'0' {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?;
+        v = if neg {
+            v.checked_sub((d - b'0') as i64)?
+        } else {
+            v.checked_add((d - b'0') as i64)?
+        };
+    }
+    Some(v)
+}
+
+fn parse_one(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    if buf[0] != b'*' {
+        return parse_inline(buf);
+    }
+    let cr = match find_cr(buf) {
+        Some(cr) => cr,
+        None if buf.len() > PROTO_INLINE_MAX_SIZE => {
+            return Err(ProtocolError("too big mbulk count string".into()))
+        }
+        None => return Ok(None),
+    };
+    if cr + 2 > buf.len() {
+        return Ok(None);
+    }
+    let count = match parse_ll(&buf[1..cr]) {
+        Some(n) if n <= i32::MAX as i64 => n,
+        _ => return Err(ProtocolError("invalid multibulk length".into())),
+    };
+    if limits.unauthenticated && count > UNAUTH_MAX_MULTIBULK {
+        return Err(ProtocolError("unauthenticated multibulk length".into()));
+    }
+    let mut pos = cr + 2;
+    if count <= 0 {
+        return Ok(Some((Frame::Empty, pos)));
+    }
+    let mut args = Vec::with_capacity((count as usize).min(1024));
+    for _ in 0..count {
+        if pos >= buf.len() {
+            return Ok(None);
+        }
+        let rest = &buf[pos..];
+        let cr = match find_cr(rest) {
+            Some(cr) => cr,
+            None if rest.len() > PROTO_INLINE_MAX_SIZE => {
+                return Err(ProtocolError("too big bulk count string".into()))
+            }
+            None => return Ok(None),
+        };
+        if cr + 2 > rest.len() {
+            return Ok(None);
+        }
+        if rest[0] != b'$' {
+            return Err(ProtocolError(format!(
+                "expected '$', got '{}'",
+                rest[0] as char
+            )));
+        }
+        let len = match parse_ll(&rest[1..cr]) {
+            Some(n) if n >= 0 && n <= limits.proto_max_bulk_len => n,
+            _ => return Err(ProtocolError("invalid bulk length".into())),
+        };
+        if limits.unauthenticated && len > UNAUTH_MAX_BULK {
+            return Err(ProtocolError("unauthenticated bulk length".into()));
+        }
+        let start = pos + cr + 2;
+        let end = start + len as usize;
+        if end + 2 > buf.len() {
+            return Ok(None);
+        }
+        args.push((start, end));
+        pos = end + 2;
+    }
+    Ok(Some((
+        Frame::Multi {
+            args,
+            start: 0,
+            end: pos,
+        },
+        pos,
+    )))
+}
+
+fn parse_inline(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    let nl = match buf.iter().position(|&b| b == b'\n') {
+        Some(nl) => nl,
+        None if buf.len() > PROTO_INLINE_MAX_SIZE => {
+            return Err(ProtocolError("too big inline request".into()))
+        }
+        None => return Ok(None),
+    };
+    let mut line = &buf[..nl];
+    if line.last() == Some(&b'\r') {
+        line = &line[..line.len() - 1];
+    }
+    let args =
+        split_args(line).ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
+    if args.is_empty() {
+        return Ok(Some((Frame::Empty, nl + 1)));
+    }
+    Ok(Some((
+        Frame::Inline(args.into_iter().map(Bytes::from).collect()),
+        nl + 1,
+    )))
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    (c as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Redis's `sdssplitargs`: whitespace-separated words, "double quotes" with C escapes
+/// (`\n \r \t \b \a \xHH`), 'single quotes' with `\'` only. A closing quote must be
+/// followed by whitespace or the end. `None` for unbalanced quotes.
+pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut args = Vec::new();
+    let mut i = 0;
+    let n = line.len();
+    loop {
+        while i < n && line[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        if i >= n {
+            return Some(args);
+        }
+        let mut cur = Vec::new();
+        let (mut inq, mut insq) = (false, false);
+        loop {
+            if inq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\'
+                    && i + 3 < n
+                    && line[i + 1] == b'x'
+                    && hex_val(line[i + 2]).is_some()
+                    && hex_val(line[i + 3]).is_some()
+                {
+                    let hi = hex_val(line[i + 2])?;
+                    let lo = hex_val(line[i + 3])?;
+                    cur.push(hi * 16 + lo);
+                    i += 3;
+                } else if c == b'\\' && i + 1 < n {
+                    i += 1;
+                    cur.push(match line[i] {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        b'b' => 8,
+                        b'a' => 7,
+                        other => other,
+                    });
+                } else if c == b'"' {
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else if insq {
+                if i >= n {
+                    return None;
+                }
+                let c = line[i];
+                if c == b'\\' && i + 1 < n && line[i + 1] == b'\'' {
+                    i += 1;
+                    cur.push(b'\'');
+                } else if c == b'\'' {
+                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                        return None;
+                    }
+                    i += 1;
+                    break;
+                } else {
+                    cur.push(c);
+                }
+            } else {
+                if i >= n {
+                    break;
+                }
+                match line[i] {
+                    b' ' | b'\n' | b'\r' | b'\t' | 0 => {
+                        break;
+                    }
+                    b'"' => inq = true,
+                    b'\'' => insq = true,
+                    c => cur.push(c),
+                }
+            }
+            i += 1;
+        }
+        args.push(cur);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: Limits = Limits {
+        proto_max_bulk_len: 512 * 1024 * 1024,
+        unauthenticated: false,
+    };
+
+    fn parse(input: &[u8]) -> (Vec<Vec<Vec<u8>>>, Result<(), ProtocolError>, usize) {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        let r = parse_batch(&mut buf, L, usize::MAX, &mut out);
+        let reqs = out
+            .iter()
+            .map(|r| r.args.iter().map(|a| a.to_vec()).collect())
+            .collect();
+        (reqs, r, buf.len())
+    }
+
+    #[test]
+    fn multibulk_pipeline_and_partial() {
+        let (reqs, r, left) =
+            parse(b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*2\r\n$3\r\nGE");
+        assert!(r.is_ok());
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[1], vec![b"GET".to_vec(), b"k".to_vec()]);
+        assert_eq!(left, 10);
+    }
+
+    #[test]
+    fn raw_is_the_original_frame() {
+        let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n"[..]);
+        let mut out = Vec::new();
+        parse_batch(&mut buf, L, 100, &mut out).unwrap();
+        assert_eq!(&out[0].raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+        assert_eq!(&out[1].raw[..], b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[test]
+    fn inline_quotes() {
+        let (reqs, r, _) = parse(b"set k \"a b\\x41\\n\" 'c\\'d'\r\n\r\n");
+        assert!(r.is_ok());
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(
+            reqs[0],
+            vec![
+                b"set".to_vec(),
+                b"k".to_vec(),
+                b"a bA\n".to_vec(),
+                b"c'd".to_vec()
+            ]
+        );
+        let (_, r, _) = parse(b"set k \"abc\r\n");
+        assert_eq!(r.unwrap_err().0, "unbalanced quotes in request");
+    }
+
+    #[test]
+    fn redis_protocol_errors() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"*x\r\n", "invalid multibulk length"),
+            (b"*1\r\n+PING\r\n", "expected '+', got '+'"),
+            (b"*1\r\n$-5\r\n", "invalid bulk length"),
+            (b"*3000000000\r\n", "invalid multibulk length"),
+        ];
+        for (input, want) in cases {
+            let (_, r, _) = parse(input);
+            let got = r.unwrap_err().0;
+            if want.starts_with("expected") {
+                assert_eq!(got, "expected '$', got '+'");
+            } else {
+                assert_eq!(&got, want);
+            }
+        }
+        let mut big = vec![b'*'];
+        big.extend(std::iter::repeat(b'1').take(70 * 1024));
+        let (_, r, _) = parse(&big);
+        assert_eq!(r.unwrap_err().0, "too big mbulk count string");
+    }
+
+    #[test]
+    fn bulk_len_limit() {
+        let mut buf = BytesMut::from(&b"*1\r\n$11\r\nhello world\r\n"[..]);
+        let mut out = Vec::new();
+        let lim = Limits {
+            proto_max_bulk_len: 10,
+            unauthenticated: false,
+        };
+        let r = parse_batch(&mut buf, lim, 100, &mut out);
+        assert_eq!(r.unwrap_err().0, "invalid bulk length");
+    }
+
+    #[test]
+    fn empty_frames_are_skipped() {
+        let (reqs, r, left) = parse(b"*0\r\n\r\n*-1\r\n*1\r\n$4\r\nPING\r\n");
+        assert!(r.is_ok());
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(left, 0);
+    }
+}

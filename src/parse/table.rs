@@ -1,0 +1,476 @@
+//! The command table: arity, flags and key positions from the backend's own `COMMAND`
+//! reply (so it matches the server version and its modules), with tierproxy's routing
+//! policy as an overlay ([`Policy`]). Keys are found with Redis 7 key specs, falling back
+//! to the legacy first/last/step triple.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::OwnedFrame as F;
+
+/// How the proxy routes a command: the only hand-written part of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Forward to the owner of the keys' slot (or any master if it has no keys).
+    Forward,
+    /// Answered by the proxy itself.
+    Local,
+    /// Split by slot and merged: MGET (array in key order).
+    Mget,
+    /// Split by slot: MSET (all OK).
+    Mset,
+    /// Split by slot, integer replies summed: DEL, UNLINK, EXISTS, TOUCH.
+    SumKeys,
+    /// Sent to every master, replies combined: DBSIZE, KEYS, FLUSHALL, …
+    Keyspace,
+    /// Run on a dedicated upstream connection (may block the connection it runs on).
+    Blocking,
+    /// Needs connection state the shared pipelined connections cannot carry (yet).
+    Unsupported,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub write: bool,
+    pub readonly: bool,
+    pub blocking: bool,
+    pub movablekeys: bool,
+    pub pubsub: bool,
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone)]
+enum BeginSearch {
+    Index(i64),
+    Keyword { keyword: Vec<u8>, startfrom: i64 },
+}
+
+#[derive(Debug, Clone)]
+enum FindKeys {
+    Range {
+        lastkey: i64,
+        keystep: i64,
+        limit: i64,
+    },
+    Keynum {
+        keynumidx: i64,
+        firstkey: i64,
+        keystep: i64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct KeySpec {
+    begin: BeginSearch,
+    find: FindKeys,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandInfo {
+    /// Lower-case full name, `get` or `config|get`: what Redis's errors quote.
+    pub name: String,
+    pub arity: i64,
+    pub flags: Flags,
+    first_key: i64,
+    last_key: i64,
+    step: i64,
+    key_specs: Vec<KeySpec>,
+    pub subcommands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    pub policy: Policy,
+}
+
+impl CommandInfo {
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        let argc = argc as i64;
+        if self.arity >= 0 {
+            argc == self.arity
+        } else {
+            argc >= -self.arity
+        }
+    }
+
+    /// Argument indices of the keys in `args` (args[0] is the command name).
+    pub fn key_indices(&self, args: &[Bytes]) -> Vec<usize> {
+        let argc = args.len() as i64;
+        let mut keys = Vec::new();
+        if self.key_specs.is_empty() {
+            if self.first_key <= 0 {
+                return keys;
+            }
+            let last = if self.last_key < 0 {
+                argc + self.last_key
+            } else {
+                self.last_key
+            };
+            let step = self.step.max(1);
+            let mut i = self.first_key;
+            while i <= last && i < argc {
+                keys.push(i as usize);
+                i += step;
+            }
+            return keys;
+        }
+        for spec in &self.key_specs {
+            let first = match &spec.begin {
+                BeginSearch::Index(i) => *i,
+                BeginSearch::Keyword { keyword, startfrom } => {
+                    let (start, end) = if *startfrom > 0 {
+                        (*startfrom, argc - 1)
+                    } else {
+                        (argc + startfrom, 0)
+                    };
+                    let mut found = 0;
+                    let mut i = start;
+                    loop {
+                        if i >= argc || i < 0 {
+                            break;
+                        }
+                        if args[i as usize].eq_ignore_ascii_case(keyword) {
+                            found = i + 1;
+                            break;
+                        }
+                        if i == end {
+                            break;
+                        }
+                        i = if start <= end { i + 1 } else { i - 1 };
+                    }
+                    if found == 0 {
+                        continue;
+                    }
+                    found
+                }
+            };
+            let (first, last, step) = match &spec.find {
+                FindKeys::Range {
+                    lastkey,
+                    keystep,
+                    limit,
+                } => {
+                    let last = if *lastkey >= 0 {
+                        first + lastkey
+                    } else if *limit == 0 {
+                        argc + lastkey
+                    } else {
+                        first + ((argc - first) / limit + lastkey)
+                    };
+                    (first, last, *keystep)
+                }
+                FindKeys::Keynum {
+                    keynumidx,
+                    firstkey,
+                    keystep,
+                } => {
+                    let idx = first + keynumidx;
+                    if idx >= argc || idx < 0 {
+                        continue;
+                    }
+                    let Some(n) = std::str::from_utf8(&args[idx as usize])
+                        .ok()
+                        .and_then(|s| s.parse::<i64>().ok())
+                        .filter(|n| *n >= 0)
+                    else {
+                        // Let the server report the bad numkeys.
+                        continue;
+                    };
+                    let first = first + firstkey;
+                    (first, first + n - 1, *keystep)
+                }
+            };
+            let step = step.max(1);
+            let mut i = first;
+            while i <= last {
+                if i >= argc || i < first {
+                    break;
+                }
+                keys.push(i as usize);
+                i += step;
+            }
+        }
+        keys
+    }
+}
+
+/// All commands the backend knows, by lower-case name.
+#[derive(Debug, Default)]
+pub struct CommandTable {
+    commands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    /// The raw `COMMAND COUNT` for local answers.
+    pub count: usize,
+}
+
+impl CommandTable {
+    /// Builds the table from a RESP2 `COMMAND` reply.
+    pub fn from_command_reply(reply: &[u8]) -> Result<CommandTable, String> {
+        let (frame, _) = redis_protocol::resp2::decode::decode(reply)
+            .map_err(|e| format!("COMMAND reply: {e:?}"))?
+            .ok_or("COMMAND reply incomplete")?;
+        let F::Array(entries) = frame else {
+            return Err(format!("COMMAND reply is not an array: {frame:?}"));
+        };
+        let mut commands = HashMap::new();
+        for e in &entries {
+            if let Some(info) = parse_entry(e) {
+                commands.insert(info.name.as_bytes().to_vec(), Arc::new(info));
+            }
+        }
+        if commands.is_empty() {
+            return Err("COMMAND reply listed no commands".into());
+        }
+        let count = commands.len();
+        Ok(CommandTable { commands, count })
+    }
+
+    /// Looks up the command (and, for containers like CONFIG, its subcommand).
+    pub fn lookup(&self, args: &[Bytes]) -> Lookup {
+        let name = lower(&args[0]);
+        let Some(cmd) = self.commands.get(&name) else {
+            return Lookup::Unknown;
+        };
+        if cmd.subcommands.is_empty() {
+            return Lookup::Found(cmd.clone());
+        }
+        if args.len() < 2 {
+            return Lookup::Found(cmd.clone());
+        }
+        match cmd.subcommands.get(&lower(&args[1])) {
+            Some(sub) => Lookup::Found(sub.clone()),
+            None => Lookup::UnknownSub(cmd.clone()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+pub enum Lookup {
+    Found(Arc<CommandInfo>),
+    UnknownSub(Arc<CommandInfo>),
+    Unknown,
+}
+
+pub fn lower(b: &[u8]) -> Vec<u8> {
+    b.to_ascii_lowercase()
+}
+
+fn as_bytes(f: &F) -> Option<&[u8]> {
+    match f {
+        F::BulkString(b) | F::SimpleString(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn as_int(f: &F) -> Option<i64> {
+    match f {
+        F::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// A RESP2 flattened map `[k1, v1, k2, v2]` as lookups.
+fn field<'a>(items: &'a [F], key: &str) -> Option<&'a F> {
+    items
+        .chunks(2)
+        .find(|kv| as_bytes(&kv[0]).is_some_and(|k| k.eq_ignore_ascii_case(key.as_bytes())))
+        .and_then(|kv| kv.get(1))
+}
+
+fn parse_entry(e: &F) -> Option<CommandInfo> {
+    let F::Array(items) = e else { return None };
+    let name = String::from_utf8_lossy(as_bytes(items.first()?)?).to_ascii_lowercase();
+    let arity = as_int(items.get(1)?)?;
+    let mut flags = Flags::default();
+    if let Some(F::Array(fl)) = items.get(2) {
+        for f in fl.iter().filter_map(as_bytes) {
+            match &f.to_ascii_lowercase()[..] {
+                b"write" => flags.write = true,
+                b"readonly" => flags.readonly = true,
+                b"blocking" => flags.blocking = true,
+                b"movablekeys" => flags.movablekeys = true,
+                b"pubsub" => flags.pubsub = true,
+                b"admin" => flags.admin = true,
+                _ => {}
+            }
+        }
+    }
+    let first_key = items.get(3).and_then(as_int).unwrap_or(0);
+    let last_key = items.get(4).and_then(as_int).unwrap_or(0);
+    let step = items.get(5).and_then(as_int).unwrap_or(0);
+    let key_specs = match items.get(8) {
+        Some(F::Array(specs)) => specs.iter().filter_map(parse_key_spec).collect(),
+        _ => Vec::new(),
+    };
+    let mut subcommands = HashMap::new();
+    if let Some(F::Array(subs)) = items.get(9) {
+        for s in subs {
+            if let Some(sub) = parse_entry(s) {
+                let short = sub
+                    .name
+                    .split_once('|')
+                    .map(|(_, s)| s.to_string())
+                    .unwrap_or_else(|| sub.name.clone());
+                subcommands.insert(short.into_bytes(), Arc::new(sub));
+            }
+        }
+    }
+    let mut info = CommandInfo {
+        name,
+        arity,
+        flags,
+        first_key,
+        last_key,
+        step,
+        key_specs,
+        subcommands,
+        policy: Policy::Forward,
+    };
+    info.policy = policy_for(&info);
+    Some(info)
+}
+
+fn parse_key_spec(f: &F) -> Option<KeySpec> {
+    let F::Array(items) = f else { return None };
+    let F::Array(bs) = field(items, "begin_search")? else {
+        return None;
+    };
+    let F::Array(fk) = field(items, "find_keys")? else {
+        return None;
+    };
+    let bs_type = as_bytes(field(bs, "type")?)?;
+    let F::Array(bs_spec) = field(bs, "spec")? else {
+        return None;
+    };
+    let begin = match bs_type {
+        b"index" => BeginSearch::Index(as_int(field(bs_spec, "index")?)?),
+        b"keyword" => BeginSearch::Keyword {
+            keyword: as_bytes(field(bs_spec, "keyword")?)?.to_vec(),
+            startfrom: as_int(field(bs_spec, "startfrom")?)?,
+        },
+        // "unknown": keys the server cannot locate either (e.g. SORT BY patterns).
+        _ => return None,
+    };
+    let fk_type = as_bytes(field(fk, "type")?)?;
+    let F::Array(fk_spec) = field(fk, "spec")? else {
+        return None;
+    };
+    let find = match fk_type {
+        b"range" => FindKeys::Range {
+            lastkey: as_int(field(fk_spec, "lastkey")?)?,
+            keystep: as_int(field(fk_spec, "keystep")?)?,
+            limit: as_int(field(fk_spec, "limit")?)?,
+        },
+        b"keynum" => FindKeys::Keynum {
+            keynumidx: as_int(field(fk_spec, "keynumidx")?)?,
+            firstkey: as_int(field(fk_spec, "firstkey")?)?,
+            keystep: as_int(field(fk_spec, "keystep")?)?,
+        },
+        _ => return None,
+    };
+    Some(KeySpec { begin, find })
+}
+
+/// tierproxy's overlay. Everything not named here is forwarded by its keys.
+fn policy_for(info: &CommandInfo) -> Policy {
+    match info.name.as_str() {
+        // Answered by the proxy: connection state, emulated server and cluster views.
+        "ping" | "echo" | "quit" | "reset" | "hello" | "auth" | "select" | "time" | "lolwut"
+        | "info" | "command" | "readonly" | "readwrite" | "asking" => Policy::Local,
+        n if n.starts_with("client|") || n.starts_with("cluster|") => Policy::Local,
+        n if n.starts_with("config|") || n.starts_with("command|") => Policy::Local,
+        "mget" => Policy::Mget,
+        "mset" => Policy::Mset,
+        "del" | "unlink" | "exists" | "touch" => Policy::SumKeys,
+        "dbsize" | "keys" | "scan" | "randomkey" | "flushall" | "flushdb" => Policy::Keyspace,
+        // Connection-scoped state: transactions, subscriptions, replication streams.
+        "multi" | "exec" | "discard" | "watch" | "unwatch" | "subscribe" | "unsubscribe"
+        | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "monitor" | "sync"
+        | "psync" | "replconf" | "wait" | "waitaof" | "shutdown" | "failover" | "replicaof"
+        | "slaveof" | "debug" | "migrate" => Policy::Unsupported,
+        n if n.starts_with("client") || n.starts_with("cluster") || n.starts_with("config") => {
+            Policy::Local
+        }
+        _ if info.flags.blocking => Policy::Blocking,
+        _ => Policy::Forward,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<Bytes> {
+        v.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn key_specs_keynum_and_range() {
+        let eval = CommandInfo {
+            name: "eval".into(),
+            arity: -3,
+            flags: Flags::default(),
+            first_key: 0,
+            last_key: 0,
+            step: 0,
+            key_specs: vec![KeySpec {
+                begin: BeginSearch::Index(2),
+                find: FindKeys::Keynum {
+                    keynumidx: 0,
+                    firstkey: 1,
+                    keystep: 1,
+                },
+            }],
+            subcommands: HashMap::new(),
+            policy: Policy::Forward,
+        };
+        assert_eq!(
+            eval.key_indices(&args(&["eval", "s", "2", "a", "b", "x"])),
+            vec![3, 4]
+        );
+        assert_eq!(
+            eval.key_indices(&args(&["eval", "s", "0"])),
+            Vec::<usize>::new()
+        );
+        let mset = CommandInfo {
+            key_specs: vec![KeySpec {
+                begin: BeginSearch::Index(1),
+                find: FindKeys::Range {
+                    lastkey: -1,
+                    keystep: 2,
+                    limit: 0,
+                },
+            }],
+            ..eval.clone()
+        };
+        assert_eq!(
+            mset.key_indices(&args(&["mset", "a", "1", "b", "2"])),
+            vec![1, 3]
+        );
+        let xread = CommandInfo {
+            key_specs: vec![KeySpec {
+                begin: BeginSearch::Keyword {
+                    keyword: b"STREAMS".to_vec(),
+                    startfrom: 1,
+                },
+                find: FindKeys::Range {
+                    lastkey: -1,
+                    keystep: 1,
+                    limit: 2,
+                },
+            }],
+            ..eval
+        };
+        assert_eq!(
+            xread.key_indices(&args(&[
+                "xread", "count", "1", "streams", "a", "b", "0", "0"
+            ])),
+            vec![4, 5]
+        );
+    }
+}

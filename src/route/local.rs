@@ -1,0 +1,752 @@
+//! Commands the proxy answers itself: connection state (PING, HELLO, AUTH, CLIENT, …),
+//! the server it presents (INFO, CONFIG GET, TIME) and a one-node cluster view (CLUSTER …)
+//! at the proxy's own address, for cluster-mode clients.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::Pending;
+use crate::client::session::{ReplyMode, Session};
+use crate::error::Error;
+use crate::parse::reply::{as_str, split_aggregate};
+use crate::parse::request::Request;
+use crate::respond::{command_bytes, Proto, Value};
+use crate::upstream::{key_slot, Mode, Target};
+use crate::Proxy;
+
+/// Arity (Redis's convention: negative = at least) of every command answered here.
+fn local_arity(name: &str) -> Option<i64> {
+    Some(match name {
+        "ping" | "quit" | "hello" | "info" => -1,
+        "echo" | "select" => 2,
+        "reset" | "time" | "readonly" | "readwrite" | "asking" => 1,
+        "auth" => -2,
+        "client" | "config" | "cluster" => -2,
+        "client|setname" | "client|no-evict" | "client|no-touch" | "client|reply" => 3,
+        "client|getname" | "client|id" | "client|info" | "client|help" => 2,
+        "client|list" => -2,
+        "client|setinfo" => 4,
+        "config|get" => -3,
+        "config|set" => -4,
+        "config|resetstat" | "config|rewrite" | "config|help" => 2,
+        "cluster|info" | "cluster|slots" | "cluster|shards" | "cluster|nodes" | "cluster|myid"
+        | "cluster|help" => 2,
+        "cluster|keyslot" | "cluster|countkeysinslot" => 3,
+        "cluster|getkeysinslot" => 4,
+        _ => return None,
+    })
+}
+
+fn full_name(name: &[u8], req: &Request) -> String {
+    let name = String::from_utf8_lossy(name).into_owned();
+    if matches!(name.as_str(), "client" | "config" | "cluster") && req.args.len() >= 2 {
+        let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_lowercase();
+        format!("{name}|{sub}")
+    } else {
+        name
+    }
+}
+
+/// Handles every locally answered command, before (and without needing) the command
+/// table, so PING, AUTH and friends work while the upstream is unreachable.
+pub fn handle_early(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    name: &[u8],
+    req: &Request,
+) -> Option<Pending> {
+    let base = std::str::from_utf8(name).ok()?;
+    let arity = local_arity(base)?;
+    let argc = req.args.len() as i64;
+    if (arity >= 0 && argc != arity) || (arity < 0 && argc < -arity) {
+        return Some(Pending::error(Error::arity(base)));
+    }
+    let full = full_name(name, req);
+    let Some(sub_arity) = local_arity(&full) else {
+        // A container with a subcommand we do not emulate.
+        let sub = &req.args[1];
+        return Some(Pending::error(
+            if base == "client" || base == "config" || base == "cluster" {
+                match full.as_str() {
+                "client|kill" | "client|pause" | "client|unpause" | "client|tracking"
+                | "client|caching" | "client|getredir" | "client|trackinginfo"
+                | "client|unblock" | "client|no-evict2" | "config|set" => Error::proxy(format!(
+                    "'{full}' is not supported through the proxy"
+                )),
+                _ if full.starts_with("cluster|") => Error::proxy(format!(
+                    "'{full}' is not supported through the proxy; it presents itself as a single node"
+                )),
+                _ => Error::unknown_subcommand(sub, base),
+            }
+            } else {
+                Error::unknown_subcommand(sub, base)
+            },
+        ));
+    };
+    if (sub_arity >= 0 && argc != sub_arity) || (sub_arity < 0 && argc < -sub_arity) {
+        return Some(Pending::error(Error::arity(&full)));
+    }
+    if !sess.authenticated && !matches!(base, "auth" | "hello" | "quit" | "reset") {
+        return Some(Pending::error(Error::noauth()));
+    }
+    sess.update_meta(|m| m.last_cmd = full.clone());
+    let a = &req.args;
+    let v = match full.as_str() {
+        "ping" => match a.get(1) {
+            Some(msg) => Value::Bulk(msg.clone()),
+            None => Value::Simple("PONG"),
+        },
+        "echo" => Value::Bulk(a[1].clone()),
+        "quit" => {
+            sess.closing = true;
+            Value::ok()
+        }
+        "reset" => {
+            sess.proto = Proto::Resp2;
+            sess.name = None;
+            sess.reply_mode = ReplyMode::On;
+            sess.authenticated = !px.auth.required();
+            sess.user = "default".into();
+            sess.update_meta(|m| {
+                m.name.clear();
+                m.resp = 2;
+                m.user = "default".into();
+            });
+            Value::Simple("RESET")
+        }
+        "auth" => auth(px, sess, a),
+        "hello" => hello(px, sess, a),
+        "select" => match std::str::from_utf8(&a[1])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            Some(0) => Value::ok(),
+            Some(_) => Error::redis("ERR SELECT is not allowed in cluster mode").to_reply(),
+            None => Error::redis("ERR value is not an integer or out of range").to_reply(),
+        },
+        "time" => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            Value::Array(vec![
+                Value::bulk_str(&now.as_secs().to_string()),
+                Value::bulk_str(&now.subsec_micros().to_string()),
+            ])
+        }
+        "readonly" | "readwrite" | "asking" => Value::ok(),
+        "info" => return Some(info(px, sess, a)),
+        n if n.starts_with("client|") => client(px, sess, n, a),
+        n if n.starts_with("config|") => config(px, sess, n, a),
+        n if n.starts_with("cluster|") => return Some(cluster(px, sess, n, a)),
+        _ => return None,
+    };
+    Some(Pending::Ready(v))
+}
+
+/// Local policy commands reached through the table (never, in practice: every one of
+/// them is caught by [`handle_early`] first).
+pub async fn handle(_px: &Arc<Proxy>, _sess: &mut Session, name: &str, _req: Request) -> Pending {
+    Pending::error(Error::proxy(format!(
+        "'{name}' is not supported through the proxy"
+    )))
+}
+
+fn auth(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
+    if a.len() > 3 {
+        return Error::syntax().to_reply();
+    }
+    let (user, pass) = if a.len() == 3 {
+        (Some(&a[1][..]), &a[2][..])
+    } else {
+        (None, &a[1][..])
+    };
+    match px.auth.check(user, pass) {
+        Ok(u) => {
+            sess.authenticated = true;
+            sess.user = u.clone();
+            sess.update_meta(|m| m.user = u);
+            Value::ok()
+        }
+        Err(e) => {
+            px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            e.to_reply()
+        }
+    }
+}
+
+/// Redis accepts client names made of printable ASCII without spaces.
+fn valid_name(b: &[u8]) -> bool {
+    b.iter().all(|&c| (b'!'..=b'~').contains(&c))
+}
+
+fn hello(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
+    let mut ver = None;
+    let mut next = 1;
+    if a.len() >= 2 {
+        match std::str::from_utf8(&a[1])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            Some(v) if v == 2 || v == 3 => ver = Some(v),
+            Some(_) => return Value::error("NOPROTO unsupported protocol version"),
+            None => return Value::error("ERR Protocol version is not an integer or out of range"),
+        }
+        next = 2;
+    }
+    let mut creds = None;
+    let mut setname = None;
+    let mut j = next;
+    while j < a.len() {
+        let more = a.len() - 1 - j;
+        let opt = &a[j];
+        if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            creds = Some((a[j + 1].clone(), a[j + 2].clone()));
+            j += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            setname = Some(a[j + 1].clone());
+            j += 2;
+        } else {
+            return Value::error(format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(opt)
+            ));
+        }
+    }
+    if let Some((u, p)) = creds {
+        match px.auth.check(Some(&u), &p) {
+            Ok(user) => {
+                sess.authenticated = true;
+                sess.user = user.clone();
+                sess.update_meta(|m| m.user = user);
+            }
+            Err(e) => {
+                px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return e.to_reply();
+            }
+        }
+    }
+    if !sess.authenticated {
+        return Value::error("NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time");
+    }
+    if let Some(n) = setname {
+        if !valid_name(&n) {
+            return Value::error(
+                "ERR Client names cannot contain spaces, newlines or special characters.",
+            );
+        }
+        set_name(sess, &n);
+    }
+    if let Some(v) = ver {
+        sess.proto = if v == 3 { Proto::Resp3 } else { Proto::Resp2 };
+        sess.update_meta(|m| m.resp = v);
+    }
+    let version = px.upstream.facts().redis_version;
+    Value::Map(vec![
+        (Value::bulk_str("server"), Value::bulk_str("redis")),
+        (Value::bulk_str("version"), Value::bulk_str(&version)),
+        (Value::bulk_str("proto"), Value::Int(sess.proto.version())),
+        (Value::bulk_str("id"), Value::Int(sess.id() as i64)),
+        (Value::bulk_str("mode"), Value::bulk_str("standalone")),
+        (Value::bulk_str("role"), Value::bulk_str("master")),
+        (Value::bulk_str("modules"), Value::Array(vec![])),
+    ])
+}
+
+fn set_name(sess: &mut Session, n: &[u8]) {
+    let name = String::from_utf8_lossy(n).into_owned();
+    sess.name = (!name.is_empty()).then(|| name.clone());
+    sess.update_meta(|m| m.name = name);
+}
+
+fn on_off(b: &[u8]) -> Option<bool> {
+    if b.eq_ignore_ascii_case(b"on") {
+        Some(true)
+    } else if b.eq_ignore_ascii_case(b"off") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+fn client(px: &Proxy, sess: &mut Session, sub: &str, a: &[Bytes]) -> Value {
+    match sub {
+        "client|id" => Value::Int(sess.id() as i64),
+        "client|getname" => match &sess.name {
+            Some(n) => Value::bulk_str(n),
+            None => Value::Null,
+        },
+        "client|setname" => {
+            if !valid_name(&a[2]) {
+                return Value::error(
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                );
+            }
+            set_name(sess, &a[2]);
+            Value::ok()
+        }
+        "client|info" => {
+            let line = sess.entry.describe(px.started);
+            Value::Verbatim(Bytes::from(format!("{line}\n")))
+        }
+        "client|list" => client_list(px, a),
+        "client|setinfo" => {
+            let attr = a[2].to_ascii_lowercase();
+            let val = &a[3];
+            let field = match &attr[..] {
+                b"lib-name" => "lib-name",
+                b"lib-ver" => "lib-ver",
+                _ => {
+                    return Value::error(format!(
+                        "ERR Unrecognized option '{}'",
+                        String::from_utf8_lossy(&a[2])
+                    ))
+                }
+            };
+            if !valid_name(val) {
+                return Value::error(format!(
+                    "ERR {field} cannot contain spaces, newlines or special characters."
+                ));
+            }
+            let val = String::from_utf8_lossy(val).into_owned();
+            sess.update_meta(|m| {
+                if field == "lib-name" {
+                    m.lib_name = val;
+                } else {
+                    m.lib_ver = val;
+                }
+            });
+            Value::ok()
+        }
+        "client|no-evict" | "client|no-touch" => match on_off(&a[2]) {
+            Some(_) => Value::ok(),
+            None => Error::syntax().to_reply(),
+        },
+        "client|reply" => {
+            let m = a[2].to_ascii_lowercase();
+            match &m[..] {
+                b"on" => {
+                    sess.reply_mode = ReplyMode::On;
+                    Value::ok()
+                }
+                // Neither OFF nor SKIP is answered (Redis sends nothing for them).
+                b"off" => {
+                    sess.reply_mode = ReplyMode::Off;
+                    Value::ok()
+                }
+                b"skip" => {
+                    sess.reply_mode = ReplyMode::Skip;
+                    Value::ok()
+                }
+                _ => Error::syntax().to_reply(),
+            }
+        }
+        "client|help" => Value::Array(
+            [
+                "CLIENT <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+                "GETNAME",
+                "ID",
+                "INFO",
+                "LIST [TYPE normal] [ID <id> ...]",
+                "NO-EVICT (ON|OFF)",
+                "NO-TOUCH (ON|OFF)",
+                "REPLY (ON|OFF|SKIP)",
+                "SETINFO <LIB-NAME|LIB-VER> <value>",
+                "SETNAME <name>",
+                "HELP",
+            ]
+            .iter()
+            .map(|s| Value::SimpleOwned(s.to_string()))
+            .collect(),
+        ),
+        _ => Error::unknown_subcommand(sub.as_bytes(), "client").to_reply(),
+    }
+}
+
+fn client_list(px: &Proxy, a: &[Bytes]) -> Value {
+    let mut ids: Option<Vec<u64>> = None;
+    let mut i = 2;
+    while i < a.len() {
+        if a[i].eq_ignore_ascii_case(b"TYPE") && i + 1 < a.len() {
+            let t = a[i + 1].to_ascii_lowercase();
+            match &t[..] {
+                b"normal" => {}
+                b"master" | b"replica" | b"slave" | b"pubsub" => {
+                    return Value::Verbatim(Bytes::new());
+                }
+                _ => {
+                    return Value::error(format!(
+                        "ERR Unknown client type '{}'",
+                        String::from_utf8_lossy(&a[i + 1])
+                    ))
+                }
+            }
+            i += 2;
+        } else if a[i].eq_ignore_ascii_case(b"ID") && i + 1 < a.len() {
+            let mut v = Vec::new();
+            for id in &a[i + 1..] {
+                match std::str::from_utf8(id)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                {
+                    Some(n) if n > 0 => v.push(n),
+                    _ => return Value::error("ERR Invalid client ID"),
+                }
+            }
+            ids = Some(v);
+            break;
+        } else {
+            return Error::syntax().to_reply();
+        }
+    }
+    let mut out = String::new();
+    for c in px.clients.all() {
+        if ids.as_ref().is_some_and(|ids| !ids.contains(&c.id)) {
+            continue;
+        }
+        out.push_str(&c.describe(px.started));
+        out.push('\n');
+    }
+    Value::Verbatim(Bytes::from(out))
+}
+
+/// Redis's `stringmatchlen`, case-insensitive: `*`, `?`, `[a-z]`, `[^x]`, `\x`.
+pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        let (mut pi, mut si) = (0, 0);
+        while pi < p.len() {
+            match p[pi] {
+                b'*' => {
+                    while pi + 1 < p.len() && p[pi + 1] == b'*' {
+                        pi += 1;
+                    }
+                    if pi + 1 == p.len() {
+                        return true;
+                    }
+                    for k in si..=s.len() {
+                        if m(&p[pi + 1..], &s[k..]) {
+                            return true;
+                        }
+                    }
+                    return false;
+                }
+                b'?' => {
+                    if si >= s.len() {
+                        return false;
+                    }
+                    si += 1;
+                }
+                b'[' => {
+                    if si >= s.len() {
+                        return false;
+                    }
+                    pi += 1;
+                    let not = pi < p.len() && p[pi] == b'^';
+                    if not {
+                        pi += 1;
+                    }
+                    let mut matched = false;
+                    while pi < p.len() && p[pi] != b']' {
+                        if p[pi] == b'\\' && pi + 1 < p.len() {
+                            pi += 1;
+                            matched |= p[pi] == s[si];
+                        } else if pi + 2 < p.len() && p[pi + 1] == b'-' {
+                            let (lo, hi) = (p[pi].min(p[pi + 2]), p[pi].max(p[pi + 2]));
+                            matched |= (lo..=hi).contains(&s[si]);
+                            pi += 2;
+                        } else {
+                            matched |= p[pi] == s[si];
+                        }
+                        pi += 1;
+                    }
+                    if matched == not {
+                        return false;
+                    }
+                    si += 1;
+                }
+                b'\\' if pi + 1 < p.len() => {
+                    pi += 1;
+                    if si >= s.len() || p[pi] != s[si] {
+                        return false;
+                    }
+                    si += 1;
+                }
+                c => {
+                    if si >= s.len() || c != s[si] {
+                        return false;
+                    }
+                    si += 1;
+                }
+            }
+            pi += 1;
+        }
+        si == s.len()
+    }
+    m(&pat.to_ascii_lowercase(), &s.to_ascii_lowercase())
+}
+
+/// What `CONFIG GET` answers: what redis-benchmark and client libraries ask about.
+fn config_values(px: &Proxy) -> Vec<(&'static str, String)> {
+    let c = &px.cfg;
+    let port = px.local_port.load(Ordering::Relaxed).to_string();
+    vec![
+        ("save", String::new()),
+        ("appendonly", "no".into()),
+        ("maxmemory", "0".into()),
+        ("maxmemory-policy", "noeviction".into()),
+        ("databases", "1".into()),
+        ("cluster-enabled", "no".into()),
+        ("maxclients", c.client.maxclients.to_string()),
+        (
+            "proto-max-bulk-len",
+            c.client.proto_max_bulk_len.to_string(),
+        ),
+        (
+            "client-query-buffer-limit",
+            c.client.query_buffer_limit.to_string(),
+        ),
+        ("timeout", c.client.idle_timeout_secs.to_string()),
+        ("port", port),
+    ]
+}
+
+fn config(px: &Proxy, sess: &Session, sub: &str, a: &[Bytes]) -> Value {
+    match sub {
+        "config|get" => {
+            let mut pairs = Vec::new();
+            for (k, v) in config_values(px) {
+                if a[2..].iter().any(|p| glob_match(p, k.as_bytes())) {
+                    pairs.push((Value::bulk_str(k), Value::bulk_str(&v)));
+                }
+            }
+            let _ = sess;
+            Value::Map(pairs)
+        }
+        "config|resetstat" => {
+            px.stats.reset();
+            Value::ok()
+        }
+        "config|help" => Value::Array(vec![Value::SimpleOwned(
+            "CONFIG GET <pattern> [<pattern> ...] | RESETSTAT".into(),
+        )]),
+        _ => Error::proxy(format!("'{sub}' is not supported through the proxy")).to_reply(),
+    }
+}
+
+/// A stable node id for the emulated one-node cluster.
+fn node_id(px: &Proxy) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(format!("tierproxy:{}", px.cfg.listen).as_bytes());
+    h.iter().take(20).map(|b| format!("{b:02x}")).collect()
+}
+
+fn cluster(px: &Arc<Proxy>, sess: &Session, sub: &str, a: &[Bytes]) -> Pending {
+    let laddr = sess.entry.laddr;
+    let ip = laddr.ip().to_string();
+    let port = laddr.port() as i64;
+    let id = node_id(px);
+    let v = match sub {
+        "cluster|info" => {
+            let ok = px.upstream.topology().is_ok();
+            let state = if ok { "ok" } else { "fail" };
+            let assigned = if ok { 16384 } else { 0 };
+            Value::Verbatim(Bytes::from(format!(
+                "cluster_state:{state}\r\ncluster_slots_assigned:{assigned}\r\ncluster_slots_ok:{assigned}\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\ncluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:1\r\ncluster_my_epoch:1\r\ncluster_stats_messages_sent:0\r\ncluster_stats_messages_received:0\r\ntotal_cluster_links_buffer_limit_exceeded:0\r\n"
+            )))
+        }
+        "cluster|slots" => Value::Array(vec![Value::Array(vec![
+            Value::Int(0),
+            Value::Int(16383),
+            Value::Array(vec![
+                Value::bulk_str(&ip),
+                Value::Int(port),
+                Value::bulk_str(&id),
+                Value::Map(vec![]),
+            ]),
+        ])]),
+        "cluster|shards" => Value::Array(vec![Value::Map(vec![
+            (
+                Value::bulk_str("slots"),
+                Value::Array(vec![Value::Int(0), Value::Int(16383)]),
+            ),
+            (
+                Value::bulk_str("nodes"),
+                Value::Array(vec![Value::Map(vec![
+                    (Value::bulk_str("id"), Value::bulk_str(&id)),
+                    (Value::bulk_str("port"), Value::Int(port)),
+                    (Value::bulk_str("ip"), Value::bulk_str(&ip)),
+                    (Value::bulk_str("endpoint"), Value::bulk_str(&ip)),
+                    (Value::bulk_str("role"), Value::bulk_str("master")),
+                    (Value::bulk_str("replication-offset"), Value::Int(0)),
+                    (Value::bulk_str("health"), Value::bulk_str("online")),
+                ])]),
+            ),
+        ])]),
+        "cluster|nodes" => Value::Verbatim(Bytes::from(format!(
+            "{id} {ip}:{port}@{} myself,master - 0 0 1 connected 0-16383\n",
+            port + 10000
+        ))),
+        "cluster|myid" => Value::bulk_str(&id),
+        "cluster|keyslot" => Value::Int(key_slot(&a[2]) as i64),
+        "cluster|countkeysinslot" | "cluster|getkeysinslot" => {
+            let slot = match std::str::from_utf8(&a[2]).ok().and_then(|s| s.parse::<i64>().ok()) {
+                Some(s) if (0..16384).contains(&s) => s as u16,
+                _ => return Pending::Ready(Value::error("ERR Invalid slot")),
+            };
+            let target = match px.upstream.mode() {
+                Some(Mode::Cluster) => Target::Slot(slot),
+                _ => {
+                    // A standalone server has no slots; count the keys hashing there.
+                    return Pending::Ready(Value::error(
+                        "ERR This instance has cluster support disabled",
+                    ));
+                }
+            };
+            let args: Vec<Bytes> = a.to_vec();
+            let px = px.clone();
+            let proto = sess.proto;
+            let hint = sess.hint();
+            return Pending::Later(Box::pin(async move {
+                match px.upstream.call(target, command_bytes(&args), proto, hint).await {
+                    Ok(raw) => Value::Raw(raw),
+                    Err(e) => e.to_reply(),
+                }
+            }));
+        }
+        "cluster|help" => Value::Array(vec![Value::SimpleOwned(
+            "CLUSTER INFO|SLOTS|SHARDS|NODES|MYID|KEYSLOT|COUNTKEYSINSLOT|GETKEYSINSLOT (one-node view of the proxy)".into(),
+        )]),
+        _ => Error::unknown_subcommand(sub.as_bytes(), "cluster").to_reply(),
+    };
+    Pending::Ready(v)
+}
+
+/// INFO: the proxy's own sections, plus the keyspace summed over every master.
+fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
+    let wanted: Vec<String> = a[1..]
+        .iter()
+        .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase())
+        .collect();
+    let all = wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| w == "all" || w == "default" || w == "everything");
+    let want = move |s: &str| all || wanted.iter().any(|w| w == s);
+    let px = px.clone();
+    Pending::Later(Box::pin(async move {
+        let mut out = String::new();
+        if want("server") {
+            let facts = px.upstream.facts();
+            let mode = match px.upstream.mode() {
+                Some(Mode::Cluster) => "cluster",
+                Some(Mode::Standalone) => "standalone",
+                None => "unknown",
+            };
+            let up = px.started.elapsed().as_secs();
+            out.push_str(&format!(
+                "# Server\r\nredis_version:{}\r\ntierproxy_version:{}\r\nredis_mode:standalone\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{up}\r\nuptime_in_days:{}\r\nupstream_mode:{mode}\r\n\r\n",
+                facts.redis_version,
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH,
+                std::process::id(),
+                px.local_port.load(Ordering::Relaxed),
+                up / 86400,
+            ));
+        }
+        if want("clients") {
+            out.push_str(&format!(
+                "# Clients\r\nconnected_clients:{}\r\nmaxclients:{}\r\n\r\n",
+                px.clients.len(),
+                px.cfg.client.maxclients
+            ));
+        }
+        if want("stats") {
+            let s = &px.stats;
+            out.push_str(&format!(
+                "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\nrejected_connections:{}\r\ntotal_error_replies:{}\r\nauth_failures:{}\r\nprotocol_errors:{}\r\n\r\n",
+                s.connections.load(Ordering::Relaxed),
+                s.commands.load(Ordering::Relaxed),
+                s.rejected.load(Ordering::Relaxed),
+                s.errors.load(Ordering::Relaxed),
+                s.auth_failures.load(Ordering::Relaxed),
+                s.protocol_errors.load(Ordering::Relaxed),
+            ));
+        }
+        if want("upstream") {
+            let (nodes, age) = match px.upstream.topology() {
+                Ok(t) => (t.masters.len(), t.refreshed_at.elapsed().as_secs()),
+                Err(_) => (0, 0),
+            };
+            out.push_str(&format!(
+                "# Upstream\r\nupstream_masters:{nodes}\r\nupstream_connections:{}\r\ntopology_refreshes:{}\r\nlast_topology_refresh_seconds_ago:{age}\r\n\r\n",
+                px.upstream.total_connections(),
+                px.upstream.refreshes.load(Ordering::Relaxed),
+            ));
+        }
+        if want("keyspace") {
+            out.push_str("# Keyspace\r\n");
+            match keyspace_totals(&px).await {
+                Ok((keys, expires)) if keys > 0 => {
+                    out.push_str(&format!("db0:keys={keys},expires={expires},avg_ttl=0\r\n"))
+                }
+                Ok(_) => {}
+                Err(e) => out.push_str(&format!("# error: {e}\r\n")),
+            }
+        }
+        // Redis ends the text without the final blank line.
+        while out.ends_with("\r\n\r\n") {
+            out.truncate(out.len() - 2);
+        }
+        Value::Verbatim(Bytes::from(out))
+    }))
+}
+
+async fn keyspace_totals(px: &Proxy) -> Result<(u64, u64), Error> {
+    let topo = px.upstream.topology()?;
+    let mut tickets = Vec::new();
+    for n in &topo.masters {
+        let cmd = command_bytes(&["INFO", "keyspace"]);
+        tickets.push(
+            px.upstream
+                .start(Target::Node(n.clone()), cmd, Proto::Resp2, 0)
+                .await,
+        );
+    }
+    let (mut keys, mut expires) = (0u64, 0u64);
+    for t in tickets {
+        let raw = px.upstream.finish(t).await?;
+        let text = as_str(&raw)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default();
+        for line in text.lines().filter(|l| l.starts_with("db0:")) {
+            for kv in line[4..].split(',') {
+                match kv.split_once('=') {
+                    Some(("keys", v)) => keys += v.trim().parse::<u64>().unwrap_or(0),
+                    Some(("expires", v)) => expires += v.trim().parse::<u64>().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let _ = split_aggregate;
+    Ok((keys, expires))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"*", b"save"));
+        assert!(glob_match(b"max*", b"maxmemory"));
+        assert!(glob_match(b"SAVE", b"save"));
+        assert!(glob_match(b"s?ve", b"save"));
+        assert!(glob_match(b"[a-c]ppendonly", b"appendonly"));
+        assert!(!glob_match(b"[^a]ppendonly", b"appendonly"));
+        assert!(!glob_match(b"max", b"maxmemory"));
+    }
+}

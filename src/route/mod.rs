@@ -1,0 +1,167 @@
+//! The request path: one command in, one [`Pending`] reply out.
+//!
+//! Order of checks is Redis's own (`processCommand`): unknown command, arity,
+//! authentication, then routing. Routing is by the command table's [`Policy`]:
+//! answered locally, forwarded to the owner of the keys' slot, split and merged across
+//! slots, fanned out to every master, or run on a dedicated connection.
+
+mod keyspace;
+mod local;
+mod multi;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::client::session::Session;
+use crate::error::Error;
+use crate::parse::request::Request;
+use crate::parse::table::{lower, Lookup, Policy};
+use crate::respond::{Proto, Value};
+use crate::upstream::{key_slot, Mode, Target, Ticket};
+use crate::Proxy;
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
+
+/// A reply that may not be known yet. Forwarded requests are already queued upstream
+/// when a `Pending` exists; resolving it only waits.
+pub enum Pending {
+    Ready(Value),
+    Forwarded(Ticket),
+    Later(BoxFuture),
+}
+
+impl Pending {
+    pub fn error(e: Error) -> Pending {
+        Pending::Ready(e.to_reply())
+    }
+
+    pub async fn resolve(self, px: &Proxy) -> Value {
+        match self {
+            Pending::Ready(v) => v,
+            Pending::Forwarded(t) => match px.upstream.finish(t).await {
+                Ok(raw) => Value::Raw(raw),
+                Err(e) => e.to_reply(),
+            },
+            Pending::Later(f) => f.await,
+        }
+    }
+}
+
+/// Commands a client may run before authenticating (Redis's `no-auth` flag).
+fn allowed_before_auth(name: &[u8]) -> bool {
+    matches!(
+        &name.to_ascii_lowercase()[..],
+        b"auth" | b"hello" | b"quit" | b"reset"
+    )
+}
+
+pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pending {
+    let name = lower(&req.args[0]);
+    px.stats
+        .commands
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+
+    // Connection-level commands work even before the upstream is known.
+    if let Some(p) = local::handle_early(px, sess, &name, &req) {
+        return p;
+    }
+    let Some(table) = px.upstream.table() else {
+        return Pending::error(Error::NoTopology(px.upstream.last_error()));
+    };
+    let info = match table.lookup(&req.args) {
+        Lookup::Found(info) => info,
+        Lookup::UnknownSub(container) => {
+            return Pending::error(Error::unknown_subcommand(&req.args[1], &container.name));
+        }
+        Lookup::Unknown => {
+            return Pending::error(Error::unknown_command(&req.args[0], &req.args[1..]));
+        }
+    };
+    if !info.arity_ok(req.args.len()) {
+        return Pending::error(Error::arity(&info.name));
+    }
+    if !sess.authenticated && !allowed_before_auth(&name) {
+        return Pending::error(Error::noauth());
+    }
+    sess.update_meta(|m| {
+        if m.last_cmd != info.name {
+            m.last_cmd = info.name.clone();
+        }
+    });
+
+    match info.policy {
+        Policy::Local => local::handle(px, sess, &info.name, req).await,
+        Policy::Mget | Policy::Mset | Policy::SumKeys => {
+            multi::dispatch(px, sess, info.policy, &info, req).await
+        }
+        Policy::Keyspace => keyspace::dispatch(px, sess, &info.name, req).await,
+        Policy::Unsupported => Pending::error(Error::proxy(format!(
+            "'{}' is not supported through the proxy yet (needs a pinned connection)",
+            info.name
+        ))),
+        Policy::Blocking => {
+            let target = match target_for(px, &info.key_indices(&req.args), &req.args) {
+                Ok(t) => t,
+                Err(e) => return Pending::error(e),
+            };
+            blocking(px, sess.proto, target, req.raw)
+        }
+        Policy::Forward => {
+            let target = match target_for(px, &info.key_indices(&req.args), &req.args) {
+                Ok(t) => t,
+                Err(e) => return Pending::error(e),
+            };
+            Pending::Forwarded(
+                px.upstream
+                    .start(target, req.raw, sess.proto, sess.hint())
+                    .await,
+            )
+        }
+    }
+}
+
+/// The slot all keys share; `CROSSSLOT` (cluster mode only) if they don't share one.
+pub fn target_for(px: &Proxy, keys: &[usize], args: &[Bytes]) -> Result<Target, Error> {
+    let Some(&first) = keys.first() else {
+        return Ok(Target::Any);
+    };
+    let slot = key_slot(&args[first]);
+    if px.upstream.mode() == Some(Mode::Cluster) && keys.iter().any(|&i| key_slot(&args[i]) != slot)
+    {
+        return Err(Error::crossslot());
+    }
+    Ok(Target::Slot(slot))
+}
+
+/// Runs a command that may block on its own upstream connection, so it never holds up
+/// other clients' requests on the shared pipelined connections.
+fn blocking(px: &Arc<Proxy>, proto: Proto, target: Target, raw: Bytes) -> Pending {
+    let px = px.clone();
+    Pending::Later(Box::pin(async move {
+        let result = async {
+            let node = px.upstream.resolve_target(&target)?;
+            let conn = px.upstream.dedicated(&node, proto).await?;
+            let rx = conn.send(raw, 0).map_err(|source| Error::Upstream {
+                addr: node.addr.to_string(),
+                source,
+            })?;
+            rx.await
+                .map_err(|_| Error::Upstream {
+                    addr: node.addr.to_string(),
+                    source: crate::error::UpstreamError::ConnectionLost,
+                })?
+                .map_err(|source| Error::Upstream {
+                    addr: node.addr.to_string(),
+                    source,
+                })
+        }
+        .await;
+        match result {
+            Ok(raw) => Value::Raw(raw),
+            Err(e) => e.to_reply(),
+        }
+    }))
+}

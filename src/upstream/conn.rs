@@ -1,0 +1,314 @@
+//! One pipelined connection to one upstream node.
+//!
+//! A writer task drains a queue of requests and writes each batch with one syscall; a
+//! reader task cuts replies off the socket (framing only, no decoding) and hands each one
+//! to the oldest waiter, in FIFO order. Many clients share one connection, so no request
+//! here may leave state behind on it (stateful commands use dedicated connections).
+//!
+//! Failure is signalled by dropping: when either task ends, the waiters' senders are
+//! dropped and every pending request sees `ConnectionLost`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+
+use crate::error::UpstreamError;
+use crate::parse::reply::{error_text, frame_len};
+use crate::respond::{command_bytes, Proto};
+
+pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
+pub type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+
+const READ_CHUNK: usize = 64 * 1024;
+const MAX_BATCH: usize = 512;
+
+/// Credentials and identity used in every upstream handshake.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub client_name: Option<String>,
+}
+
+struct Req {
+    data: Bytes,
+    /// Replies to swallow before the one the caller wants (`ASKING` before a command).
+    skip: u8,
+    tx: ReplyTx,
+}
+
+struct Waiter {
+    skip: u8,
+    tx: ReplyTx,
+}
+
+pub struct PipeConn {
+    pub addr: Arc<str>,
+    tx: mpsc::UnboundedSender<Req>,
+    closed: Arc<AtomicBool>,
+    tasks: [AbortHandle; 2],
+}
+
+/// Marks the connection closed when a task ends, however it ends (even aborted).
+struct CloseOnDrop(Arc<AtomicBool>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl PipeConn {
+    /// Connects, authenticates and switches protocol, all within `timeout`.
+    pub async fn connect(
+        addr: &str,
+        proto: Proto,
+        hs: &Handshake,
+        timeout: Duration,
+    ) -> Result<PipeConn, UpstreamError> {
+        let ms = timeout.as_millis() as u64;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(ms))?
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        tokio::time::timeout(timeout, handshake(&mut rd, &mut wr, &mut buf, proto, hs))
+            .await
+            .map_err(|_| UpstreamError::Handshake(format!("no reply within {ms} ms")))??;
+
+        let queue: Arc<Mutex<VecDeque<Waiter>>> = Arc::new(Mutex::new(VecDeque::new()));
+        let closed = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(
+            wr,
+            rx,
+            queue.clone(),
+            CloseOnDrop(closed.clone()),
+        ));
+        let reader = tokio::spawn(read_loop(
+            rd,
+            buf,
+            queue,
+            CloseOnDrop(closed.clone()),
+            writer.abort_handle(),
+            addr.into(),
+        ));
+        Ok(PipeConn {
+            addr: addr.into(),
+            tx,
+            closed,
+            tasks: [writer.abort_handle(), reader.abort_handle()],
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Queues one request; the reply arrives on the returned receiver, in order.
+    pub fn send(&self, data: Bytes, skip: u8) -> Result<ReplyRx, UpstreamError> {
+        if self.is_closed() {
+            return Err(UpstreamError::ConnectionLost);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Req { data, skip, tx })
+            .map_err(|_| UpstreamError::ConnectionLost)?;
+        Ok(rx)
+    }
+
+    /// Drops the connection: used when a request on it timed out, because a connection
+    /// that stopped answering would only make every later request time out too.
+    pub fn kill(&self) {
+        self.closed.store(true, Ordering::Release);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for PipeConn {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn handshake(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    buf: &mut BytesMut,
+    proto: Proto,
+    hs: &Handshake,
+) -> Result<(), UpstreamError> {
+    let mut cmds: Vec<Bytes> = Vec::new();
+    let user = hs.username.clone().unwrap_or_else(|| "default".into());
+    match proto {
+        Proto::Resp3 => {
+            let mut args: Vec<String> = vec!["HELLO".into(), "3".into()];
+            if let Some(p) = &hs.password {
+                args.extend(["AUTH".into(), user, p.clone()]);
+            }
+            cmds.push(command_bytes(&args));
+        }
+        Proto::Resp2 => {
+            if let Some(p) = &hs.password {
+                cmds.push(match &hs.username {
+                    Some(u) => command_bytes(&["AUTH", u, p]),
+                    None => command_bytes(&["AUTH", p]),
+                });
+            }
+        }
+    }
+    if let Some(name) = &hs.client_name {
+        cmds.push(command_bytes(&["CLIENT", "SETNAME", name]));
+    }
+    if cmds.is_empty() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    for c in &cmds {
+        out.extend_from_slice(c);
+    }
+    wr.write_all(&out)
+        .await
+        .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+    for _ in 0..cmds.len() {
+        let reply = read_one(rd, buf).await?;
+        if let Some(err) = error_text(&reply) {
+            return Err(UpstreamError::Handshake(err));
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly one reply (used only during the handshake).
+pub async fn read_one(
+    rd: &mut (impl AsyncReadExt + Unpin),
+    buf: &mut BytesMut,
+) -> Result<Bytes, UpstreamError> {
+    loop {
+        match frame_len(buf) {
+            Ok(Some(n)) => return Ok(buf.split_to(n).freeze()),
+            Ok(None) => {}
+            Err(e) => return Err(UpstreamError::Protocol(e.0)),
+        }
+        buf.reserve(READ_CHUNK);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(UpstreamError::ConnectionLost),
+            Ok(_) => {}
+            Err(e) => return Err(UpstreamError::Connect(e.to_string())),
+        }
+    }
+}
+
+async fn write_loop(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Req>,
+    queue: Arc<Mutex<VecDeque<Waiter>>>,
+    _closed: CloseOnDrop,
+) {
+    let mut batch: Vec<Req> = Vec::with_capacity(MAX_BATCH);
+    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        out.clear();
+        {
+            // Waiters are queued before the bytes leave, so a reply always finds one.
+            let mut q = match queue.lock() {
+                Ok(q) => q,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            for req in batch.drain(..) {
+                out.extend_from_slice(&req.data);
+                q.push_back(Waiter {
+                    skip: req.skip,
+                    tx: req.tx,
+                });
+            }
+        }
+        if wr.write_all(&out).await.is_err() {
+            return;
+        }
+        if out.capacity() > 4 * READ_CHUNK {
+            out = BytesMut::with_capacity(READ_CHUNK);
+        }
+    }
+}
+
+async fn read_loop(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut buf: BytesMut,
+    queue: Arc<Mutex<VecDeque<Waiter>>>,
+    _closed: CloseOnDrop,
+    writer: AbortHandle,
+    addr: Arc<str>,
+) {
+    // Whatever ends this loop ends the connection; the writer goes with it.
+    let _stop_writer = AbortOnDrop(writer);
+    loop {
+        loop {
+            let n = match frame_len(&buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(upstream = %addr, error = %e.0, "unparseable reply; closing connection");
+                    return;
+                }
+            };
+            let reply = buf.split_to(n).freeze();
+            if reply.first() == Some(&b'>') {
+                // Out-of-band push (RESP3); data connections do not subscribe or track.
+                continue;
+            }
+            let mut q = match queue.lock() {
+                Ok(q) => q,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let Some(front) = q.front_mut() else {
+                tracing::warn!(upstream = %addr, "reply with no request waiting; closing connection");
+                return;
+            };
+            if front.skip > 0 {
+                front.skip -= 1;
+                continue;
+            }
+            if let Some(w) = q.pop_front() {
+                // The client may have gone away; its reply is simply dropped.
+                let _ = w.tx.send(Ok(reply));
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                tracing::debug!(upstream = %addr, "upstream closed the connection");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(upstream = %addr, error = %e, "upstream read failed");
+                return;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,520 @@
+//! The upstream: the slot map, per-node pipelined connections, redirects, topology.
+//!
+//! Data plane: a request is *started* (its bytes queued on the owning node's connection,
+//! nothing awaited) and later *finished* (its reply awaited, with the request timeout,
+//! following MOVED/ASK/TRYAGAIN). Starting every command of a client's batch before
+//! finishing any is what makes pipelining work across the proxy.
+//!
+//! Control plane: [`topology`] discovers the cluster (through fred) and refreshes it
+//! periodically and whenever a redirect or a lost connection says it changed.
+
+pub mod conn;
+pub mod topology;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::error::{Error, UpstreamError};
+use crate::parse::reply::error_text;
+use crate::parse::table::CommandTable;
+use crate::respond::Proto;
+use conn::{Handshake, PipeConn, ReplyRx};
+
+pub const SLOTS: usize = 16384;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Cluster,
+    Standalone,
+}
+
+/// Which node a request goes to.
+#[derive(Clone)]
+pub enum Target {
+    Slot(u16),
+    Node(Arc<Node>),
+    /// A command without keys: any master will do.
+    Any,
+}
+
+/// Settings every connection needs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    pub conns_per_node: usize,
+    pub max_redirects: u32,
+    pub refresh_interval: Duration,
+    pub handshake: Handshake,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &Config) -> Settings {
+        let seed_creds = cfg.seeds().into_iter().find(|s| s.password.is_some());
+        let u = &cfg.upstream;
+        Settings {
+            connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+            request_timeout: Duration::from_millis(u.request_timeout_ms),
+            conns_per_node: u.connections_per_node,
+            max_redirects: u.max_redirects,
+            refresh_interval: Duration::from_millis(u.topology_refresh_interval_ms),
+            handshake: Handshake {
+                username: u
+                    .username
+                    .clone()
+                    .or_else(|| seed_creds.as_ref().and_then(|s| s.username.clone())),
+                password: u
+                    .password
+                    .clone()
+                    .or_else(|| seed_creds.as_ref().and_then(|s| s.password.clone())),
+                client_name: Some("tierproxy".into()),
+            },
+        }
+    }
+}
+
+/// A slot in a node's pool: the live connection, and a lock so only one task connects.
+struct ConnSlot {
+    cur: RwLock<Option<Arc<PipeConn>>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// After a failed connect, fail fast until this instant instead of waiting again.
+    backoff_until: Mutex<Option<(Instant, UpstreamError)>>,
+}
+
+impl ConnSlot {
+    fn new() -> ConnSlot {
+        ConnSlot {
+            cur: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            backoff_until: Mutex::new(None),
+        }
+    }
+
+    fn live(&self) -> Option<Arc<PipeConn>> {
+        let cur = self.cur.read().unwrap_or_else(|p| p.into_inner());
+        cur.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+}
+
+const CONNECT_BACKOFF: Duration = Duration::from_millis(200);
+
+pub struct Node {
+    pub addr: Arc<str>,
+    pools: [Vec<ConnSlot>; 2],
+}
+
+impl Node {
+    fn new(addr: &str, per_node: usize) -> Node {
+        Node {
+            addr: addr.into(),
+            pools: [
+                (0..per_node).map(|_| ConnSlot::new()).collect(),
+                (0..per_node).map(|_| ConnSlot::new()).collect(),
+            ],
+        }
+    }
+
+    /// The connection `hint` picks (a client always picks the same one, which keeps its
+    /// commands to one node in order), connecting it if needed.
+    pub async fn conn(
+        &self,
+        proto: Proto,
+        hint: usize,
+        s: &Settings,
+    ) -> Result<Arc<PipeConn>, UpstreamError> {
+        let pool = &self.pools[(proto == Proto::Resp3) as usize];
+        let slot = &pool[hint % pool.len()];
+        if let Some(c) = slot.live() {
+            return Ok(c);
+        }
+        let _guard = slot.connecting.lock().await;
+        if let Some(c) = slot.live() {
+            return Ok(c);
+        }
+        {
+            let b = slot.backoff_until.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((until, err)) = b.as_ref() {
+                if Instant::now() < *until {
+                    return Err(err.clone());
+                }
+            }
+        }
+        match PipeConn::connect(&self.addr, proto, &s.handshake, s.connect_timeout).await {
+            Ok(c) => {
+                let c = Arc::new(c);
+                *slot.cur.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+                *slot.backoff_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(c)
+            }
+            Err(e) => {
+                *slot.backoff_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now() + CONNECT_BACKOFF, e.clone()));
+                Err(e)
+            }
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.pools
+            .iter()
+            .flatten()
+            .filter(|s| s.live().is_some())
+            .count()
+    }
+}
+
+/// The routing view: who owns each slot.
+pub struct Topology {
+    pub mode: Mode,
+    /// Index into `masters` for each slot; `u16::MAX` where no master owns it.
+    pub slots: Vec<u16>,
+    pub masters: Vec<Arc<Node>>,
+    pub refreshed_at: Instant,
+}
+
+impl Topology {
+    pub fn owner(&self, slot: u16) -> Option<&Arc<Node>> {
+        let idx = *self.slots.get(slot as usize)?;
+        self.masters.get(idx as usize)
+    }
+
+    /// Masters ordered by the lowest slot each owns: a stable order for SCAN cursors.
+    pub fn masters_by_first_slot(&self) -> Vec<(u16, Arc<Node>)> {
+        let mut seen = vec![false; self.masters.len()];
+        let mut out = Vec::new();
+        for (slot, &idx) in self.slots.iter().enumerate() {
+            if let Some(n) = self.masters.get(idx as usize) {
+                if !seen[idx as usize] {
+                    seen[idx as usize] = true;
+                    out.push((slot as u16, n.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What the backend told us at discovery, for INFO/HELLO.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFacts {
+    pub redis_version: String,
+}
+
+pub struct Upstream {
+    pub settings: Settings,
+    pub seeds: Vec<String>,
+    topo: RwLock<Option<Arc<Topology>>>,
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    table: RwLock<Option<Arc<CommandTable>>>,
+    facts: RwLock<ServerFacts>,
+    last_error: Mutex<String>,
+    refresh: Notify,
+    pub refreshes: AtomicU64,
+    rr: AtomicUsize,
+}
+
+/// A started request: queued upstream (or failed to queue), not yet answered.
+pub struct Ticket {
+    target: Target,
+    data: Bytes,
+    proto: Proto,
+    hint: usize,
+    state: Result<(Arc<PipeConn>, ReplyRx), Error>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &Config) -> Arc<Upstream> {
+        Arc::new(Upstream {
+            settings: Settings::from_config(cfg),
+            seeds: cfg.seeds().iter().map(|s| s.addr()).collect(),
+            topo: RwLock::new(None),
+            nodes: Mutex::new(HashMap::new()),
+            table: RwLock::new(None),
+            facts: RwLock::new(ServerFacts::default()),
+            last_error: Mutex::new("not connected yet".into()),
+            refresh: Notify::new(),
+            refreshes: AtomicU64::new(0),
+            rr: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn topology(&self) -> Result<Arc<Topology>, Error> {
+        match self.topo.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(t) => Ok(t.clone()),
+            None => Err(Error::NoTopology(self.last_error())),
+        }
+    }
+
+    pub fn table(&self) -> Option<Arc<CommandTable>> {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn facts(&self) -> ServerFacts {
+        self.facts.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn mode(&self) -> Option<Mode> {
+        self.topology().ok().map(|t| t.mode)
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_last_error(&self, e: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// The shared node object for an address (connections survive topology changes).
+    pub fn node(&self, addr: &str) -> Arc<Node> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Node::new(addr, self.settings.conns_per_node)))
+            .clone()
+    }
+
+    /// Asks the topology task for a refresh soon (coalesced).
+    pub fn request_refresh(&self) {
+        self.refresh.notify_one();
+    }
+
+    pub fn total_connections(&self) -> usize {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.values().map(|n| n.open_connections()).sum()
+    }
+
+    fn resolve(&self, target: &Target) -> Result<Arc<Node>, Error> {
+        let topo = self.topology()?;
+        match target {
+            Target::Node(n) => Ok(n.clone()),
+            Target::Slot(slot) => topo.owner(*slot).cloned().ok_or_else(|| {
+                Error::redis(format!(
+                    "CLUSTERDOWN Hash slot not served (slot {slot} has no master)"
+                ))
+            }),
+            Target::Any => {
+                if topo.masters.is_empty() {
+                    return Err(Error::NoTopology("no masters known".into()));
+                }
+                let i = self.rr.fetch_add(1, Ordering::Relaxed) % topo.masters.len();
+                Ok(topo.masters[i].clone())
+            }
+        }
+    }
+
+    async fn queue(
+        &self,
+        node: &Node,
+        data: Bytes,
+        skip: u8,
+        proto: Proto,
+        hint: usize,
+    ) -> Result<(Arc<PipeConn>, ReplyRx), Error> {
+        let upstream_err = |source| Error::Upstream {
+            addr: node.addr.to_string(),
+            source,
+        };
+        let conn = node.conn(proto, hint, &self.settings).await.map_err(|e| {
+            self.request_refresh();
+            upstream_err(e)
+        })?;
+        let rx = conn.send(data, skip).map_err(upstream_err)?;
+        Ok((conn, rx))
+    }
+
+    /// Queues a request on its node's connection without waiting for the reply.
+    pub async fn start(&self, target: Target, data: Bytes, proto: Proto, hint: usize) -> Ticket {
+        let state = match self.resolve(&target) {
+            Ok(node) => self.queue(&node, data.clone(), 0, proto, hint).await,
+            Err(e) => Err(e),
+        };
+        Ticket {
+            target,
+            data,
+            proto,
+            hint,
+            state,
+        }
+    }
+
+    /// Waits for a started request's reply, following redirects. The reply is the raw
+    /// RESP bytes, in the protocol of the client that sent it.
+    pub async fn finish(&self, t: Ticket) -> Result<Bytes, Error> {
+        let Ticket {
+            target,
+            data,
+            proto,
+            hint,
+            state,
+        } = t;
+        let (mut conn, mut rx) = state?;
+        let mut redirects = 0u32;
+        loop {
+            let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
+                Err(_) => {
+                    conn.kill();
+                    self.request_refresh();
+                    return Err(Error::Upstream {
+                        addr: conn.addr.to_string(),
+                        source: UpstreamError::Timeout(
+                            self.settings.request_timeout.as_millis() as u64
+                        ),
+                    });
+                }
+                Ok(Err(_)) => {
+                    self.request_refresh();
+                    return Err(Error::Upstream {
+                        addr: conn.addr.to_string(),
+                        source: UpstreamError::ConnectionLost,
+                    });
+                }
+                Ok(Ok(Err(e))) => {
+                    return Err(Error::Upstream {
+                        addr: conn.addr.to_string(),
+                        source: e,
+                    })
+                }
+                Ok(Ok(Ok(reply))) => reply,
+            };
+            let Some(redirect) = Redirect::parse(&reply) else {
+                return Ok(reply);
+            };
+            redirects += 1;
+            if redirects > self.settings.max_redirects {
+                return Ok(reply);
+            }
+            (conn, rx) = match redirect {
+                Redirect::Moved { slot, addr } => {
+                    self.apply_moved(slot, &addr);
+                    self.request_refresh();
+                    let node = self.node(&addr);
+                    self.queue(&node, data.clone(), 0, proto, hint).await?
+                }
+                Redirect::Ask { addr } => {
+                    let node = self.node(&addr);
+                    let mut both = BytesMut::with_capacity(data.len() + 16);
+                    both.extend_from_slice(b"*1\r\n$6\r\nASKING\r\n");
+                    both.extend_from_slice(&data);
+                    self.queue(&node, both.freeze(), 1, proto, hint).await?
+                }
+                Redirect::TryAgain => {
+                    tokio::time::sleep(Duration::from_millis(10 * redirects as u64)).await;
+                    let node = self.resolve(&target)?;
+                    self.queue(&node, data.clone(), 0, proto, hint).await?
+                }
+            };
+        }
+    }
+
+    /// Start and finish in one call, for requests that need not be pipelined.
+    pub async fn call(
+        &self,
+        target: Target,
+        data: Bytes,
+        proto: Proto,
+        hint: usize,
+    ) -> Result<Bytes, Error> {
+        let t = self.start(target, data, proto, hint).await;
+        self.finish(t).await
+    }
+
+    /// Points one slot at its new owner right away, before the full refresh lands.
+    fn apply_moved(&self, slot: u16, addr: &str) {
+        let node = self.node(addr);
+        let mut guard = self.topo.write().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = guard.as_ref() else { return };
+        let mut masters = old.masters.clone();
+        let idx = match masters.iter().position(|m| m.addr == node.addr) {
+            Some(i) => i,
+            None => {
+                masters.push(node);
+                masters.len() - 1
+            }
+        };
+        let mut slots = old.slots.clone();
+        if let Some(s) = slots.get_mut(slot as usize) {
+            *s = idx as u16;
+        }
+        *guard = Some(Arc::new(Topology {
+            mode: old.mode,
+            slots,
+            masters,
+            refreshed_at: old.refreshed_at,
+        }));
+    }
+
+    pub(crate) fn install(&self, topo: Topology) {
+        *self.topo.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(topo));
+        self.refreshes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn install_table(&self, table: CommandTable, facts: ServerFacts) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(table));
+        *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
+    }
+
+    /// Opens a dedicated connection (for commands that block the connection they run on).
+    pub async fn dedicated(&self, node: &Node, proto: Proto) -> Result<PipeConn, Error> {
+        PipeConn::connect(
+            &node.addr,
+            proto,
+            &self.settings.handshake,
+            self.settings.connect_timeout,
+        )
+        .await
+        .map_err(|source| Error::Upstream {
+            addr: node.addr.to_string(),
+            source,
+        })
+    }
+
+    pub fn resolve_target(&self, target: &Target) -> Result<Arc<Node>, Error> {
+        self.resolve(target)
+    }
+}
+
+enum Redirect {
+    Moved { slot: u16, addr: String },
+    Ask { addr: String },
+    TryAgain,
+}
+
+impl Redirect {
+    fn parse(reply: &[u8]) -> Option<Redirect> {
+        if reply.first() != Some(&b'-') {
+            return None;
+        }
+        let text = error_text(reply)?;
+        let mut parts = text.split(' ');
+        match parts.next()? {
+            "MOVED" => {
+                let slot = parts.next()?.parse().ok()?;
+                let addr = parts.next()?.to_string();
+                Some(Redirect::Moved { slot, addr })
+            }
+            "ASK" => {
+                let _slot = parts.next()?;
+                Some(Redirect::Ask {
+                    addr: parts.next()?.to_string(),
+                })
+            }
+            "TRYAGAIN" => Some(Redirect::TryAgain),
+            _ => None,
+        }
+    }
+}
+
+/// The hash slot of a key, honouring `{hash tags}`.
+pub fn key_slot(key: &[u8]) -> u16 {
+    redis_protocol::redis_keyslot(key)
+}
