@@ -157,8 +157,32 @@ async fn conn_loop(
                 break;
             }
         }
+        // While replies are awaited the client socket is still watched: input is buffered
+        // for the next batch, and a client that went away abandons a blocking command
+        // instead of pinning its upstream connection until the command times out.
+        let mut client_gone = false;
         for (p, proto, silent) in pending.drain(..) {
-            let v = p.resolve(px).await;
+            let blocking = p.is_blocking();
+            let resolve = p.resolve(px);
+            tokio::pin!(resolve);
+            let v = loop {
+                tokio::select! {
+                    biased;
+                    v = &mut resolve => break Some(v),
+                    r = rd.read_buf(&mut inbuf),
+                        if !client_gone && (inbuf.len() as u64) < cfg.query_buffer_limit => {
+                        if matches!(r, Ok(0) | Err(_)) {
+                            client_gone = true;
+                            if blocking {
+                                break None;
+                            }
+                        }
+                    }
+                }
+            };
+            let Some(v) = v else {
+                return Ok(());
+            };
             if is_error_reply(&v) {
                 px.stats.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -178,7 +202,7 @@ async fn conn_loop(
                 out = BytesMut::with_capacity(READ_CHUNK);
             }
         }
-        if sess.closing || parse_err.is_some() {
+        if sess.closing || parse_err.is_some() || client_gone {
             let _ = wr.shutdown().await;
             return Ok(());
         }

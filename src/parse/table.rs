@@ -378,10 +378,11 @@ fn parse_key_spec(f: &F) -> Option<KeySpec> {
 fn policy_for(info: &CommandInfo) -> Policy {
     match info.name.as_str() {
         // Answered by the proxy: connection state, emulated server and cluster views.
-        "ping" | "echo" | "quit" | "reset" | "hello" | "auth" | "select" | "time" | "lolwut"
-        | "info" | "command" | "readonly" | "readwrite" | "asking" => Policy::Local,
+        // COMMAND and LOLWUT are not here: they are the backend's to answer.
+        "ping" | "echo" | "quit" | "reset" | "hello" | "auth" | "select" | "time" | "info"
+        | "readonly" | "readwrite" | "asking" => Policy::Local,
         n if n.starts_with("client|") || n.starts_with("cluster|") => Policy::Local,
-        n if n.starts_with("config|") || n.starts_with("command|") => Policy::Local,
+        n if n.starts_with("config|") => Policy::Local,
         "mget" => Policy::Mget,
         "mset" => Policy::Mset,
         "del" | "unlink" | "exists" | "touch" => Policy::SumKeys,
@@ -390,7 +391,7 @@ fn policy_for(info: &CommandInfo) -> Policy {
         "multi" | "exec" | "discard" | "watch" | "unwatch" | "subscribe" | "unsubscribe"
         | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "monitor" | "sync"
         | "psync" | "replconf" | "wait" | "waitaof" | "shutdown" | "failover" | "replicaof"
-        | "slaveof" | "debug" | "migrate" => Policy::Unsupported,
+        | "slaveof" | "debug" => Policy::Unsupported,
         n if n.starts_with("client") || n.starts_with("cluster") || n.starts_with("config") => {
             Policy::Local
         }

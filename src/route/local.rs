@@ -64,6 +64,10 @@ pub fn handle_early(
     if (arity >= 0 && argc != arity) || (arity < 0 && argc < -arity) {
         return Some(Pending::error(Error::arity(base)));
     }
+    // PING's table arity is -1, but Redis rejects more than one argument itself.
+    if base == "ping" && argc > 2 {
+        return Some(Pending::error(Error::arity(base)));
+    }
     let full = full_name(name, req);
     let Some(sub_arity) = local_arity(&full) else {
         // A container with a subcommand we do not emulate.

@@ -31,6 +31,9 @@ pub enum Pending {
     Ready(Value),
     Forwarded(Ticket),
     Later(BoxFuture),
+    /// A command that may wait indefinitely on its own upstream connection; abandoned
+    /// (and that connection closed) if the client goes away meanwhile.
+    Blocking(BoxFuture),
 }
 
 impl Pending {
@@ -45,8 +48,12 @@ impl Pending {
                 Ok(raw) => Value::Raw(raw),
                 Err(e) => e.to_reply(),
             },
-            Pending::Later(f) => f.await,
+            Pending::Later(f) | Pending::Blocking(f) => f.await,
         }
+    }
+
+    pub fn is_blocking(&self) -> bool {
+        matches!(self, Pending::Blocking(_))
     }
 }
 
@@ -69,6 +76,11 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         return p;
     }
     let Some(table) = px.upstream.table() else {
+        // Without the table we cannot check existence or arity first; an unauthenticated
+        // client learns nothing about the upstream either way.
+        if !sess.authenticated {
+            return Pending::error(Error::noauth());
+        }
         return Pending::error(Error::NoTopology(px.upstream.last_error()));
     };
     let info = match table.lookup(&req.args) {
@@ -140,7 +152,7 @@ pub fn target_for(px: &Proxy, keys: &[usize], args: &[Bytes]) -> Result<Target, 
 /// other clients' requests on the shared pipelined connections.
 fn blocking(px: &Arc<Proxy>, proto: Proto, target: Target, raw: Bytes) -> Pending {
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
+    Pending::Blocking(Box::pin(async move {
         let result = async {
             let node = px.upstream.resolve_target(&target)?;
             let conn = px.upstream.dedicated(&node, proto).await?;
