@@ -47,6 +47,12 @@ for p in "${PORTS[@]}"; do
 done
 for p in "${PORTS[@]}"; do
     for _ in $(seq 100); do redis-cli -p "$p" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    if ! redis-cli -p "$p" ping >/dev/null 2>&1; then
+        # Typically the port or its cluster bus port (port+10000) is taken.
+        echo "run-local: redis-server on port $p did not start:" >&2
+        tail -n 5 "$DATA/cluster/$p/redis.log" >&2
+        exit 1
+    fi
 done
 redis-cli --cluster create "${PORTS[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
 for _ in $(seq 100); do

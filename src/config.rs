@@ -23,6 +23,12 @@ pub const DEFAULT_QUERY_BUFFER_LIMIT: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_INFLIGHT: usize = 1_024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 0;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_L1_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_L1_MAX_ENTRIES: u64 = 10_000;
+pub const DEFAULT_L1_MAX_VALUE_BYTES: u64 = 1024 * 1024;
+pub const DEFAULT_L1_TTL_MS: u64 = 5 * 60 * 1000;
+pub const DEFAULT_L1_ADMIT_AFTER_READS: u32 = 2;
+pub const DEFAULT_L1_ADMIT_WINDOW_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -36,7 +42,62 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub client: ClientConfig,
     pub auth: AuthConfig,
+    pub l1: L1Config,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct L1Config {
+    /// The in-proxy hot-key cache.                          env CACHE_L1_ENABLED
+    pub enabled: bool,
+    /// Byte budget for cached replies (keys and bookkeeping included).
+    pub max_bytes: u64,
+    /// Entry budget.                                        env CACHE_L1_MAX_SIZE
+    pub max_entries: u64,
+    /// Replies larger than this are never cached.
+    pub max_value_bytes: u64,
+    /// Lifetime of an entry whose key has no TTL.          env CACHE_L1_DEFAULT_TTL
+    pub default_ttl_ms: u64,
+    /// No entry lives longer than this, whatever the key's TTL.
+    pub max_ttl_ms: u64,
+    /// A key is cached from its N-th read within `admit_window_ms` (1: first read).
+    pub admit_after_reads: u32,
+    pub admit_window_ms: u64,
+    /// "tracking" (Redis CLIENT TRACKING, coherent) or "ttl" (may be stale up to max_ttl).
+    pub coherence: String,
+}
+
+impl Default for L1Config {
+    fn default() -> Self {
+        L1Config {
+            enabled: false,
+            max_bytes: DEFAULT_L1_MAX_BYTES,
+            max_entries: DEFAULT_L1_MAX_ENTRIES,
+            max_value_bytes: DEFAULT_L1_MAX_VALUE_BYTES,
+            default_ttl_ms: DEFAULT_L1_TTL_MS,
+            max_ttl_ms: DEFAULT_L1_TTL_MS,
+            admit_after_reads: DEFAULT_L1_ADMIT_AFTER_READS,
+            admit_window_ms: DEFAULT_L1_ADMIT_WINDOW_MS,
+            coherence: "tracking".into(),
+        }
+    }
+}
+
+/// The seed's duration syntax: `300`, `300s`, `5m`, `1h`, `250ms`.
+pub fn parse_duration_ms(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "s" => 1_000,
+        "ms" => 1,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -101,6 +162,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             client: ClientConfig::default(),
             auth: AuthConfig::default(),
+            l1: L1Config::default(),
             log: LogConfig::default(),
         }
     }
@@ -278,6 +340,31 @@ impl Config {
         if let Some(v) = get("TIERPROXY_PASSWORD") {
             self.auth.password = Some(v);
         }
+        if let Some(v) = get("CACHE_L1_ENABLED") {
+            self.l1.enabled = match v.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(StartError::Config(format!(
+                        "CACHE_L1_ENABLED (l1.enabled): {v:?} is not a boolean"
+                    )))
+                }
+            };
+        }
+        if let Some(v) = get("CACHE_L1_MAX_SIZE") {
+            self.l1.max_entries = v.trim().parse().map_err(|_| {
+                StartError::Config(format!(
+                    "CACHE_L1_MAX_SIZE (l1.max_entries): {v:?} is not a number"
+                ))
+            })?;
+        }
+        if let Some(v) = get("CACHE_L1_DEFAULT_TTL") {
+            self.l1.default_ttl_ms = parse_duration_ms(&v).ok_or_else(|| {
+                StartError::Config(format!(
+                    "CACHE_L1_DEFAULT_TTL (l1.default_ttl_ms): {v:?} is not a duration like 300s or 5m"
+                ))
+            })?;
+        }
         if let Some(v) = get("TIERPROXY_MAXCLIENTS") {
             self.client.maxclients = v.parse().map_err(|_| {
                 StartError::Config(format!(
@@ -354,6 +441,28 @@ impl Config {
                 );
             }
         }
+        let l1 = &self.l1;
+        for (key, v) in [
+            ("l1.max_bytes", l1.max_bytes),
+            ("l1.max_entries", l1.max_entries),
+            ("l1.max_value_bytes", l1.max_value_bytes),
+            ("l1.default_ttl_ms", l1.default_ttl_ms),
+            ("l1.max_ttl_ms", l1.max_ttl_ms),
+            ("l1.admit_window_ms", l1.admit_window_ms),
+        ] {
+            if v == 0 {
+                return bad(key, "must be greater than 0".into());
+            }
+        }
+        if l1.admit_after_reads == 0 {
+            return bad("l1.admit_after_reads", "must be at least 1".into());
+        }
+        if !matches!(l1.coherence.as_str(), "tracking" | "ttl") {
+            return bad(
+                "l1.coherence",
+                format!("{:?}: must be \"tracking\" or \"ttl\"", l1.coherence),
+            );
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(
                 "log.format",
@@ -398,6 +507,15 @@ mod tests {
         assert_eq!(s.addr(), "[::1]:7001");
         assert!(parse_seed("http://x").is_err());
         assert!(parse_seed("h:notaport").is_err());
+    }
+
+    #[test]
+    fn seed_durations() {
+        assert_eq!(parse_duration_ms("5m"), Some(300_000));
+        assert_eq!(parse_duration_ms("300"), Some(300_000));
+        assert_eq!(parse_duration_ms("250ms"), Some(250));
+        assert_eq!(parse_duration_ms("2h"), Some(7_200_000));
+        assert_eq!(parse_duration_ms("5 weeks"), None);
     }
 
     #[test]

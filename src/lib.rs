@@ -12,6 +12,8 @@
 //!    it locally (PING, HELLO, CLIENT, CONFIG GET, CLUSTER, INFO), forwards it to the owner
 //!    of its keys' slot, splits it across slots and merges (MGET, MSET, DEL, …), or fans it
 //!    out to every master (SCAN, DBSIZE, KEYS, FLUSHALL).
+//!    Cacheable reads of hot keys are answered from [`l1`] when it holds them; every
+//!    write invalidates its keys there before its reply goes out.
 //! 4. [`upstream`] queues the original bytes on a pipelined connection to the node
 //!    (`start`), and later waits for the raw reply (`finish`), following MOVED/ASK.
 //!    [`upstream::topology`] keeps the slot map current through fred.
@@ -24,6 +26,7 @@ pub mod admin;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod l1;
 pub mod parse;
 pub mod respond;
 pub mod route;
@@ -70,6 +73,8 @@ impl Stats {
 pub struct Proxy {
     pub cfg: Config,
     pub upstream: Arc<upstream::Upstream>,
+    /// The hot-key cache, when `l1.enabled`.
+    pub l1: Option<Arc<l1::L1>>,
     pub clients: client::session::Registry,
     pub auth: client::auth::Auth,
     pub stats: Stats,
@@ -105,8 +110,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         )
     };
 
-    let upstream = upstream::Upstream::new(&cfg);
+    let l1 = cfg.l1.enabled.then(|| Arc::new(l1::L1::new(&cfg.l1)));
+    let upstream = upstream::Upstream::new(&cfg, l1.clone());
     let px = Arc::new(Proxy {
+        l1,
         auth: client::auth::Auth::new(&cfg.auth),
         upstream: upstream.clone(),
         clients: Default::default(),

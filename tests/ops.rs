@@ -332,3 +332,33 @@ fn sigterm_finishes_in_flight_requests_then_exits_zero() {
     let status = status.expect("tierproxy did not exit by itself");
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn upstream_password_from_env_or_url() {
+    let redis = RedisServer::start_with_args(&["--requirepass", "upw"]);
+    let k = format!("{}auth", tag("upauth"));
+    // REDIS_PASSWORD
+    let px = Proxy::start(&[redis.addr()], &[], &[("REDIS_PASSWORD", "upw")]);
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["SET", &k, "1"])), "+OK\r\n");
+    c.cmd(&["HELLO", "3"]);
+    assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\n1\r\n");
+    // An ACL user in a redis:// URL.
+    let mut admin = Resp::connect(&redis.addr());
+    assert_eq!(s(admin.cmd(&["AUTH", "upw"])), "+OK\r\n");
+    assert_eq!(
+        s(admin.cmd(&["ACL", "SETUSER", "app", "on", ">apppw", "~*", "+@all"])),
+        "+OK\r\n"
+    );
+    let url = format!("redis://app:apppw@{}", redis.addr());
+    let px2 = Proxy::start(&[url], &[], &[]);
+    let mut d = Resp::connect(&px2.addr());
+    assert_eq!(s(d.cmd(&["GET", &k])), "$1\r\n1\r\n");
+    // A wrong password: requests fail with the upstream's reason, never hang.
+    let px3 = Proxy::start_unready(&[redis.addr()], &[], &[("REDIS_PASSWORD", "nope")]);
+    let mut e = Resp::connect(&px3.addr());
+    let start = Instant::now();
+    let r = s(e.cmd(&["GET", &k]));
+    assert!(r.starts_with("-ERR tierproxy: upstream"), "{r}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}

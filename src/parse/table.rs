@@ -33,6 +33,8 @@ pub enum Policy {
 #[derive(Debug, Clone, Default)]
 pub struct Flags {
     pub write: bool,
+    /// Scripts and functions: may write keys without the `write` flag.
+    pub may_replicate: bool,
     pub readonly: bool,
     pub blocking: bool,
     pub movablekeys: bool,
@@ -81,6 +83,11 @@ pub struct CommandInfo {
 }
 
 impl CommandInfo {
+    /// Whether running this command may change the keys it names (L1 invalidates them).
+    pub fn may_write(&self) -> bool {
+        self.flags.write || self.flags.may_replicate
+    }
+
     pub fn arity_ok(&self, argc: usize) -> bool {
         let argc = argc as i64;
         if self.arity >= 0 {
@@ -289,6 +296,7 @@ fn parse_entry(e: &F) -> Option<CommandInfo> {
         for f in fl.iter().filter_map(as_bytes) {
             match &f.to_ascii_lowercase()[..] {
                 b"write" => flags.write = true,
+                b"may_replicate" => flags.may_replicate = true,
                 b"readonly" => flags.readonly = true,
                 b"blocking" => flags.blocking = true,
                 b"movablekeys" => flags.movablekeys = true,

@@ -36,13 +36,20 @@ fn local_arity(name: &str) -> Option<i64> {
         | "cluster|help" => 2,
         "cluster|keyslot" | "cluster|countkeysinslot" => 3,
         "cluster|getkeysinslot" => 4,
+        "tierproxy.l1" => -2,
+        "tierproxy.l1|flush" | "tierproxy.l1|stats" => 2,
+        "tierproxy.l1|get" => 3,
         _ => return None,
     })
 }
 
 fn full_name(name: &[u8], req: &Request) -> String {
     let name = String::from_utf8_lossy(name).into_owned();
-    if matches!(name.as_str(), "client" | "config" | "cluster") && req.args.len() >= 2 {
+    if matches!(
+        name.as_str(),
+        "client" | "config" | "cluster" | "tierproxy.l1"
+    ) && req.args.len() >= 2
+    {
         let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_lowercase();
         format!("{name}|{sub}")
     } else {
@@ -145,6 +152,7 @@ pub fn handle_early(
         n if n.starts_with("client|") => client(px, sess, n, a),
         n if n.starts_with("config|") => config(px, sess, n, a),
         n if n.starts_with("cluster|") => return Some(cluster(px, sess, n, a)),
+        n if n.starts_with("tierproxy.l1|") => l1_admin(px, n, a),
         _ => return None,
     };
     Some(Pending::Ready(v))
@@ -539,6 +547,68 @@ fn config(px: &Proxy, sess: &Session, sub: &str, a: &[Bytes]) -> Value {
     }
 }
 
+/// `TIERPROXY.L1 FLUSH|STATS|GET key`: operate and inspect the hot-key cache.
+fn l1_admin(px: &Proxy, sub: &str, a: &[Bytes]) -> Value {
+    let Some(l1) = &px.l1 else {
+        return Error::proxy("L1 is disabled (l1.enabled = false)").to_reply();
+    };
+    match sub {
+        "tierproxy.l1|flush" => {
+            l1.flush("TIERPROXY.L1 FLUSH");
+            Value::ok()
+        }
+        "tierproxy.l1|stats" => Value::Map(
+            l1_fields(l1)
+                .into_iter()
+                .map(|(k, v)| (Value::bulk_str(k), Value::Int(v as i64)))
+                .collect(),
+        ),
+        "tierproxy.l1|get" => match l1.peek(&a[2]) {
+            None => Value::Null,
+            Some((replies, left)) => Value::Map(vec![
+                (
+                    Value::bulk_str("ttl_ms"),
+                    Value::Int(left.as_millis() as i64),
+                ),
+                (
+                    Value::bulk_str("replies"),
+                    Value::Array(
+                        replies
+                            .into_iter()
+                            .map(|(sig, reply)| {
+                                Value::Array(vec![
+                                    Value::Int(sig.first().copied().unwrap_or(2) as i64),
+                                    Value::Bulk(sig.slice(1..)),
+                                    Value::Bulk(reply),
+                                ])
+                            })
+                            .collect(),
+                    ),
+                ),
+            ]),
+        },
+        _ => Error::unknown_subcommand(sub.as_bytes(), "tierproxy.l1").to_reply(),
+    }
+}
+
+fn l1_fields(l1: &crate::l1::L1) -> Vec<(&'static str, u64)> {
+    let st = &l1.stats;
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    vec![
+        ("l1_hits", ld(&st.hits)),
+        ("l1_misses", ld(&st.misses)),
+        ("l1_entries", l1.entries()),
+        ("l1_bytes", l1.weighted_bytes()),
+        ("l1_max_bytes", l1.max_bytes),
+        ("l1_evictions", ld(&st.evictions)),
+        ("l1_invalidations", ld(&st.invalidations)),
+        ("l1_flushes", ld(&st.flushes)),
+        ("l1_fills", ld(&st.fills)),
+        ("l1_fills_raced", ld(&st.fills_raced)),
+        ("l1_merged_reads", ld(&st.merged)),
+    ]
+}
+
 /// A stable node id for the emulated one-node cluster.
 fn node_id(px: &Proxy) -> String {
     use sha2::{Digest, Sha256};
@@ -689,6 +759,24 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                 px.upstream.total_connections(),
                 px.upstream.refreshes.load(Ordering::Relaxed),
             ));
+        }
+        if want("l1") {
+            out.push_str("# L1\r\n");
+            match &px.l1 {
+                Some(l1) => {
+                    out.push_str("l1_enabled:1\r\n");
+                    let mode = match l1.coherence {
+                        crate::l1::Coherence::Tracking => "tracking",
+                        crate::l1::Coherence::Ttl => "ttl",
+                    };
+                    out.push_str(&format!("l1_coherence:{mode}\r\n"));
+                    for (k, v) in l1_fields(l1) {
+                        out.push_str(&format!("{k}:{v}\r\n"));
+                    }
+                }
+                None => out.push_str("l1_enabled:0\r\n"),
+            }
+            out.push_str("\r\n");
         }
         if want("keyspace") {
             out.push_str("# Keyspace\r\n");

@@ -5,6 +5,7 @@
 //! answered locally, forwarded to the owner of the keys' slot, split and merged across
 //! slots, fanned out to every master, or run on a dedicated connection.
 
+mod cache;
 mod keyspace;
 mod local;
 mod multi;
@@ -104,10 +105,48 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         }
     });
 
+    if let Some(l1) = px.l1.clone() {
+        if info.may_write() {
+            let keys: Vec<Bytes> = info
+                .key_indices(&req.args)
+                .into_iter()
+                .map(|i| req.args[i].clone())
+                .collect();
+            let flush = matches!(info.name.as_str(), "flushall" | "flushdb");
+            // Before sending, so no read that starts from now on fills the old value…
+            for k in &keys {
+                l1.invalidate(k);
+            }
+            if flush {
+                l1.flush("FLUSHALL/FLUSHDB through the proxy");
+            }
+            let p = by_policy(px, sess, &info, req).await;
+            // …and after the acknowledgement, for reads that were already in flight.
+            return cache::after_write(px, &l1, keys, flush, p);
+        }
+        if cache::cacheable(&info.name) && info.policy != Policy::Local {
+            let keys = info.key_indices(&req.args);
+            if let [k] = keys[..] {
+                let target = Target::Slot(key_slot(&req.args[k]));
+                let key = req.args[k].clone();
+                return cache::read(px, sess, &l1, key, target, req).await;
+            }
+        }
+    }
+    by_policy(px, sess, &info, req).await
+}
+
+/// Routes by the command's policy (see [`Policy`]).
+async fn by_policy(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    info: &Arc<crate::parse::table::CommandInfo>,
+    req: Request,
+) -> Pending {
     match info.policy {
         Policy::Local => local::handle(px, sess, &info.name, req).await,
         Policy::Mget | Policy::Mset | Policy::SumKeys => {
-            multi::dispatch(px, sess, info.policy, &info, req).await
+            multi::dispatch(px, sess, info.policy, info, req).await
         }
         Policy::Keyspace => keyspace::dispatch(px, sess, &info.name, req).await,
         Policy::Unsupported => Pending::error(Error::proxy(format!(

@@ -37,6 +37,19 @@ pub struct Handshake {
     pub client_name: Option<String>,
 }
 
+/// Called once when a connection closes, whatever closes it.
+pub type OnClose = Arc<dyn Fn() + Send + Sync>;
+
+/// Per-connection extras for data connections that L1 depends on.
+#[derive(Clone, Default)]
+pub struct ConnOpts {
+    /// `CLIENT TRACKING on REDIRECT <id>`: invalidations for keys this connection reads
+    /// go to that (invalidation) connection.
+    pub tracking_redirect: Option<i64>,
+    /// A tracked connection that closes takes its tracked keys with it: L1 must flush.
+    pub on_close: Option<OnClose>,
+}
+
 struct Req {
     data: Bytes,
     /// Replies to swallow before the one the caller wants (`ASKING` before a command).
@@ -52,16 +65,31 @@ struct Waiter {
 pub struct PipeConn {
     pub addr: Arc<str>,
     tx: mpsc::UnboundedSender<Req>,
-    closed: Arc<AtomicBool>,
+    closed: Arc<CloseState>,
     tasks: [AbortHandle; 2],
 }
 
+struct CloseState {
+    closed: AtomicBool,
+    on_close: Option<OnClose>,
+}
+
+impl CloseState {
+    fn close(&self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            if let Some(f) = &self.on_close {
+                f();
+            }
+        }
+    }
+}
+
 /// Marks the connection closed when a task ends, however it ends (even aborted).
-struct CloseOnDrop(Arc<AtomicBool>);
+struct CloseOnDrop(Arc<CloseState>);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
+        self.0.close();
     }
 }
 
@@ -72,6 +100,7 @@ impl PipeConn {
         proto: Proto,
         hs: &Handshake,
         timeout: Duration,
+        opts: ConnOpts,
     ) -> Result<PipeConn, UpstreamError> {
         let ms = timeout.as_millis() as u64;
         let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -81,12 +110,28 @@ impl PipeConn {
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        tokio::time::timeout(timeout, handshake(&mut rd, &mut wr, &mut buf, proto, hs))
-            .await
-            .map_err(|_| UpstreamError::Handshake(format!("no reply within {ms} ms")))??;
+        let mut extra = Vec::new();
+        if let Some(id) = opts.tracking_redirect {
+            extra.push(command_bytes(&[
+                "CLIENT",
+                "TRACKING",
+                "on",
+                "REDIRECT",
+                &id.to_string(),
+            ]));
+        }
+        tokio::time::timeout(
+            timeout,
+            handshake(&mut rd, &mut wr, &mut buf, proto, hs, extra),
+        )
+        .await
+        .map_err(|_| UpstreamError::Handshake(format!("no reply within {ms} ms")))??;
 
         let queue: Arc<Mutex<VecDeque<Waiter>>> = Arc::new(Mutex::new(VecDeque::new()));
-        let closed = Arc::new(AtomicBool::new(false));
+        let closed = Arc::new(CloseState {
+            closed: AtomicBool::new(false),
+            on_close: opts.on_close,
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(
             wr,
@@ -111,7 +156,7 @@ impl PipeConn {
     }
 
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.closed.closed.load(Ordering::Acquire)
     }
 
     /// Queues one request; the reply arrives on the returned receiver, in order.
@@ -129,7 +174,7 @@ impl PipeConn {
     /// Drops the connection: used when a request on it timed out, because a connection
     /// that stopped answering would only make every later request time out too.
     pub fn kill(&self) {
-        self.closed.store(true, Ordering::Release);
+        self.closed.close();
         for t in &self.tasks {
             t.abort();
         }
@@ -142,12 +187,15 @@ impl Drop for PipeConn {
     }
 }
 
-async fn handshake(
+/// Authenticates, selects the protocol and names the connection, then runs `extra`
+/// commands; every reply must be a success. Pipelined: one round trip.
+pub(crate) async fn handshake(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     wr: &mut tokio::net::tcp::OwnedWriteHalf,
     buf: &mut BytesMut,
     proto: Proto,
     hs: &Handshake,
+    extra: Vec<Bytes>,
 ) -> Result<(), UpstreamError> {
     let mut cmds: Vec<Bytes> = Vec::new();
     let user = hs.username.clone().unwrap_or_else(|| "default".into());
@@ -171,6 +219,7 @@ async fn handshake(
     if let Some(name) = &hs.client_name {
         cmds.push(command_bytes(&["CLIENT", "SETNAME", name]));
     }
+    cmds.extend(extra);
     if cmds.is_empty() {
         return Ok(());
     }

@@ -13,7 +13,7 @@ pub mod topology;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -21,10 +21,12 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::error::{Error, UpstreamError};
+use crate::l1::tracking::Invalidator;
+use crate::l1::{Coherence, L1};
 use crate::parse::reply::error_text;
 use crate::parse::table::CommandTable;
 use crate::respond::Proto;
-use conn::{Handshake, PipeConn, ReplyRx};
+use conn::{ConnOpts, Handshake, PipeConn, ReplyRx};
 
 pub const SLOTS: usize = 16384;
 
@@ -107,17 +109,71 @@ const CONNECT_BACKOFF: Duration = Duration::from_millis(200);
 pub struct Node {
     pub addr: Arc<str>,
     pools: [Vec<ConnSlot>; 2],
+    /// Set when L1 uses tracking: data connections redirect invalidations here.
+    tracking: Option<Arc<L1>>,
+    invalidator: tokio::sync::Mutex<Option<Invalidator>>,
+    me: Weak<Node>,
 }
 
 impl Node {
-    fn new(addr: &str, per_node: usize) -> Node {
-        Node {
+    fn new(addr: &str, per_node: usize, tracking: Option<Arc<L1>>) -> Arc<Node> {
+        Arc::new_cyclic(|me| Node {
             addr: addr.into(),
             pools: [
                 (0..per_node).map(|_| ConnSlot::new()).collect(),
                 (0..per_node).map(|_| ConnSlot::new()).collect(),
             ],
+            tracking,
+            invalidator: tokio::sync::Mutex::new(None),
+            me: me.clone(),
+        })
+    }
+
+    /// Closes every data connection (they reconnect on next use).
+    fn recycle_connections(&self) {
+        for slot in self.pools.iter().flatten() {
+            if let Some(c) = slot.cur.write().unwrap_or_else(|p| p.into_inner()).take() {
+                c.kill();
+            }
         }
+    }
+
+    /// The data-connection options: tracking redirected to this node's (live)
+    /// invalidation connection, and an L1 flush if the tracked connection closes.
+    async fn conn_opts(&self, s: &Settings) -> Result<ConnOpts, UpstreamError> {
+        let Some(l1) = &self.tracking else {
+            return Ok(ConnOpts::default());
+        };
+        let mut inv = self.invalidator.lock().await;
+        let id = match inv.as_ref().filter(|i| i.is_alive()) {
+            Some(i) => i.id,
+            None => {
+                let me = self.me.clone();
+                let fresh = crate::l1::tracking::start(
+                    &self.addr,
+                    &s.handshake,
+                    s.connect_timeout,
+                    l1.clone(),
+                    move || {
+                        // Data connections still redirect to the dead id: replace them.
+                        if let Some(node) = me.upgrade() {
+                            node.recycle_connections();
+                        }
+                    },
+                )
+                .await?;
+                let id = fresh.id;
+                *inv = Some(fresh);
+                id
+            }
+        };
+        let flush = l1.clone();
+        Ok(ConnOpts {
+            tracking_redirect: Some(id),
+            on_close: Some(Arc::new(move || {
+                flush.flush("tracked data connection closed")
+            })),
+        })
     }
 
     /// The connection `hint` picks (a client always picks the same one, which keeps its
@@ -145,7 +201,13 @@ impl Node {
                 }
             }
         }
-        match PipeConn::connect(&self.addr, proto, &s.handshake, s.connect_timeout).await {
+        let connected = match self.conn_opts(s).await {
+            Ok(opts) => {
+                PipeConn::connect(&self.addr, proto, &s.handshake, s.connect_timeout, opts).await
+            }
+            Err(e) => Err(e),
+        };
+        match connected {
             Ok(c) => {
                 let c = Arc::new(c);
                 *slot.cur.write().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
@@ -217,6 +279,8 @@ pub struct Upstream {
     refresh: Notify,
     pub refreshes: AtomicU64,
     rr: AtomicUsize,
+    /// L1 when it relies on tracking (invalidation connections, flush on changes).
+    tracking: Option<Arc<L1>>,
 }
 
 /// A started request: queued upstream (or failed to queue), not yet answered.
@@ -229,8 +293,9 @@ pub struct Ticket {
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config) -> Arc<Upstream> {
+    pub fn new(cfg: &Config, l1: Option<Arc<L1>>) -> Arc<Upstream> {
         Arc::new(Upstream {
+            tracking: l1.filter(|l| l.coherence == Coherence::Tracking),
             settings: Settings::from_config(cfg),
             seeds: cfg.seeds().iter().map(|s| s.addr()).collect(),
             topo: RwLock::new(None),
@@ -279,7 +344,7 @@ impl Upstream {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(Node::new(addr, self.settings.conns_per_node)))
+            .or_insert_with(|| Node::new(addr, self.settings.conns_per_node, self.tracking.clone()))
             .clone()
     }
 
@@ -451,11 +516,35 @@ impl Upstream {
             masters,
             refreshed_at: old.refreshed_at,
         }));
+        drop(guard);
+        if let Some(l1) = &self.tracking {
+            // The slot's keys now live on a node whose tracking has never seen our reads.
+            l1.flush("slot moved");
+        }
     }
 
     pub(crate) fn install(&self, topo: Topology) {
-        *self.topo.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(topo));
+        let mut guard = self.topo.write().unwrap_or_else(|p| p.into_inner());
+        let changed = match guard.as_ref() {
+            None => false,
+            Some(old) => {
+                old.mode != topo.mode
+                    || old.slots.iter().zip(&topo.slots).any(|(a, b)| {
+                        let a = old.masters.get(*a as usize).map(|n| &n.addr);
+                        let b = topo.masters.get(*b as usize).map(|n| &n.addr);
+                        a != b
+                    })
+            }
+        };
+        *guard = Some(Arc::new(topo));
+        drop(guard);
         self.refreshes.fetch_add(1, Ordering::Relaxed);
+        if changed {
+            tracing::info!("topology changed");
+            if let Some(l1) = &self.tracking {
+                l1.flush("topology changed");
+            }
+        }
     }
 
     pub(crate) fn install_table(&self, table: CommandTable, facts: ServerFacts) {
@@ -470,6 +559,7 @@ impl Upstream {
             proto,
             &self.settings.handshake,
             self.settings.connect_timeout,
+            ConnOpts::default(),
         )
         .await
         .map_err(|source| Error::Upstream {

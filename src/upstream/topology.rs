@@ -97,9 +97,15 @@ async fn probe(up: &Upstream) -> Result<(Mode, CommandTable, ServerFacts), Strin
 
 async fn probe_one(up: &Upstream, addr: &str) -> Result<(Mode, CommandTable, ServerFacts), String> {
     let s = &up.settings;
-    let conn = PipeConn::connect(addr, Proto::Resp2, &s.handshake, s.connect_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = PipeConn::connect(
+        addr,
+        Proto::Resp2,
+        &s.handshake,
+        s.connect_timeout,
+        Default::default(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let ask = |args: &[&str]| {
         let rx = conn.send(command_bytes(args), 0);
         async move {

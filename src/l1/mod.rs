@@ -1,0 +1,373 @@
+//! L1: the in-process cache of hot keys' replies, kept coherent with Redis.
+//!
+//! - Entries are stored per key: one key holds the replies of every exact cached
+//!   command about it (`GET k`, `HGET k f`, …, per protocol version), so one invalidation
+//!   of the key drops them all.
+//! - Bounded by bytes and by entries at once: every entry weighs at least
+//!   `max_bytes / max_entries`, so the byte budget also caps the entry count.
+//! - Admission: a key is cached only after `admit_after_reads` reads within the window.
+//! - TTL mirrored: an entry expires at the key's remaining TTL in Redis (read in the same
+//!   round trip), never later than `max_ttl`.
+//! - The fill race: a read records the generation of its key's bucket before it is sent;
+//!   its reply is cached only if no invalidation of that bucket (or flush) happened
+//!   meanwhile. The check is repeated after the insert, so an invalidation racing the
+//!   insert itself still wins.
+//!
+//! Invalidations come from three places: writes through this proxy ([`crate::route`]),
+//! Redis's server-assisted tracking ([`tracking`]), and anything that may have lost
+//! invalidations (a tracked connection closing, topology changes, FLUSHALL): a flush.
+
+pub mod tracking;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::policy::Expiry;
+use moka::sync::Cache;
+use tokio::sync::oneshot;
+
+use crate::config::L1Config;
+
+/// Generation buckets for the fill-race guard (a key maps to one by hash).
+const GEN_BUCKETS: usize = 1 << 16;
+/// Bookkeeping bytes charged per entry on top of its data.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// How L1 learns of writes made elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coherence {
+    /// Redis server-assisted client-side caching (CLIENT TRACKING … REDIRECT).
+    Tracking,
+    /// No tracking: entries live at most `max_ttl` and may be stale until then.
+    Ttl,
+}
+
+/// One cached key: the replies of the commands read about it.
+#[derive(Clone)]
+pub struct KeyEntry {
+    /// (signature: protocol byte + exact request bytes, raw reply)
+    replies: Arc<Vec<(Bytes, Bytes)>>,
+    expires_at: Instant,
+}
+
+impl KeyEntry {
+    fn bytes(&self, key: &Bytes) -> usize {
+        key.len()
+            + ENTRY_OVERHEAD
+            + self
+                .replies
+                .iter()
+                .map(|(s, r)| s.len() + r.len() + 32)
+                .sum::<usize>()
+    }
+}
+
+struct ExpireAt;
+
+impl Expiry<Bytes, KeyEntry> for ExpireAt {
+    fn expire_after_create(&self, _k: &Bytes, v: &KeyEntry, now: Instant) -> Option<Duration> {
+        Some(v.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &Bytes,
+        v: &KeyEntry,
+        now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.expires_at.saturating_duration_since(now))
+    }
+}
+
+#[derive(Default)]
+pub struct L1Stats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub fills: AtomicU64,
+    /// Fills dropped because the key was invalidated while the read was in flight.
+    pub fills_raced: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub flushes: AtomicU64,
+    /// Misses that waited for an identical read already in flight.
+    pub merged: AtomicU64,
+    pub evictions: Arc<AtomicU64>,
+}
+
+/// A read's ticket to fill: the generations it saw before it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillToken {
+    bucket: usize,
+    gen: u64,
+    epoch: u64,
+}
+
+pub struct L1 {
+    pub coherence: Coherence,
+    max_value_bytes: usize,
+    default_ttl: Duration,
+    max_ttl: Duration,
+    admit_after: u32,
+    cache: Cache<Bytes, KeyEntry>,
+    reads: Cache<Bytes, Arc<AtomicU32>>,
+    gens: Box<[AtomicU64]>,
+    epoch: AtomicU64,
+    hasher: std::collections::hash_map::RandomState,
+    pub stats: L1Stats,
+    pub max_bytes: u64,
+    /// Reads in flight by exact request: later identical misses wait for the first.
+    inflight: Mutex<HashMap<Bytes, InFlight>>,
+}
+
+/// A leader's read in flight: the token it started with, and who waits for it.
+type InFlight = (FillToken, Vec<oneshot::Sender<Bytes>>);
+
+/// What a miss does: read upstream itself, or wait for an identical read in flight.
+pub enum Role {
+    Lead(LeadGuard),
+    Follow(oneshot::Receiver<Bytes>),
+}
+
+/// The leader of a merged read. Dropping it without [`LeadGuard::complete`] releases
+/// the followers (their receivers close and they read upstream themselves).
+pub struct LeadGuard {
+    l1: Arc<L1>,
+    sig: Bytes,
+    pub token: FillToken,
+}
+
+impl LeadGuard {
+    /// Hands the reply to every follower.
+    pub fn complete(self, reply: &Bytes) {
+        if let Some(waiters) = self.l1.take_inflight(&self.sig, self.token) {
+            for w in waiters {
+                let _ = w.send(reply.clone());
+            }
+        }
+    }
+}
+
+impl Drop for LeadGuard {
+    fn drop(&mut self) {
+        // After complete() the entry is gone already; this only releases abandoned ones.
+        let _ = self.l1.take_inflight(&self.sig, self.token);
+    }
+}
+
+impl L1 {
+    pub fn new(cfg: &L1Config) -> L1 {
+        let min_weight = (cfg.max_bytes / cfg.max_entries.max(1)).max(1);
+        let evictions = Arc::new(AtomicU64::new(0));
+        let ev = evictions.clone();
+        let cache = Cache::builder()
+            .max_capacity(cfg.max_bytes)
+            .weigher(move |k: &Bytes, v: &KeyEntry| {
+                (v.bytes(k) as u64).max(min_weight).min(u32::MAX as u64) as u32
+            })
+            .expire_after(ExpireAt)
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == RemovalCause::Size {
+                    ev.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        let reads = Cache::builder()
+            .max_capacity(cfg.max_entries.saturating_mul(8).max(1024))
+            .time_to_live(Duration::from_millis(cfg.admit_window_ms))
+            .build();
+        L1 {
+            coherence: if cfg.coherence == "ttl" {
+                Coherence::Ttl
+            } else {
+                Coherence::Tracking
+            },
+            max_value_bytes: cfg.max_value_bytes as usize,
+            default_ttl: Duration::from_millis(cfg.default_ttl_ms),
+            max_ttl: Duration::from_millis(cfg.max_ttl_ms),
+            admit_after: cfg.admit_after_reads.max(1),
+            cache,
+            reads,
+            gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            hasher: Default::default(),
+            stats: L1Stats {
+                evictions,
+                ..Default::default()
+            },
+            max_bytes: cfg.max_bytes,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Joins an identical read in flight, or becomes its leader. A follower may join
+    /// only while nothing invalidated the key since the leader's read was sent: after a
+    /// write acknowledged through this proxy, no read may be served an older value.
+    pub fn lead_or_follow(self: &Arc<Self>, sig: &Bytes, key: &[u8]) -> Role {
+        let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((token, waiters)) = m.get_mut(sig) {
+            if self.still_valid(token) {
+                let (tx, rx) = oneshot::channel();
+                waiters.push(tx);
+                self.stats.merged.fetch_add(1, Ordering::Relaxed);
+                return Role::Follow(rx);
+            }
+        }
+        let token = self.begin(key);
+        // A stale leader's followers (if any) are released and read for themselves.
+        m.insert(sig.clone(), (token, Vec::new()));
+        Role::Lead(LeadGuard {
+            l1: self.clone(),
+            sig: sig.clone(),
+            token,
+        })
+    }
+
+    fn take_inflight(&self, sig: &Bytes, token: FillToken) -> Option<Vec<oneshot::Sender<Bytes>>> {
+        let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(sig) {
+            Some((t, _)) if *t == token => m.remove(sig).map(|(_, w)| w),
+            _ => None,
+        }
+    }
+
+    fn bucket(&self, key: &[u8]) -> usize {
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        (h.finish() as usize) & (GEN_BUCKETS - 1)
+    }
+
+    /// The cached reply to exactly this request, if any.
+    pub fn get(&self, key: &[u8], sig: &[u8]) -> Option<Bytes> {
+        let found = self.cache.get(key).and_then(|e| {
+            if e.expires_at <= Instant::now() {
+                return None;
+            }
+            e.replies
+                .iter()
+                .find(|(s, _)| s.as_ref() == sig)
+                .map(|(_, r)| r.clone())
+        });
+        let counter = if found.is_some() {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Counts a read of `key`; true once it is hot enough to be cached.
+    pub fn admit(&self, key: &Bytes) -> bool {
+        if self.admit_after <= 1 {
+            return true;
+        }
+        let n = self
+            .reads
+            .get_with(key.clone(), || Arc::new(AtomicU32::new(0)))
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        n >= self.admit_after
+    }
+
+    /// Taken before a read is sent upstream.
+    pub fn begin(&self, key: &[u8]) -> FillToken {
+        let bucket = self.bucket(key);
+        FillToken {
+            bucket,
+            gen: self.gens[bucket].load(Ordering::SeqCst),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    fn still_valid(&self, t: &FillToken) -> bool {
+        self.gens[t.bucket].load(Ordering::SeqCst) == t.gen
+            && self.epoch.load(Ordering::SeqCst) == t.epoch
+    }
+
+    /// Caches `reply` for `key`/`sig` if nothing invalidated the key since `token`.
+    /// `pttl_ms` is the key's remaining TTL in Redis (-1: none, -2: no such key).
+    pub fn fill(&self, key: Bytes, token: FillToken, sig: Bytes, reply: Bytes, pttl_ms: i64) {
+        if reply.len() > self.max_value_bytes || crate::parse::reply::is_error(&reply) {
+            return;
+        }
+        let mut ttl = self.default_ttl.min(self.max_ttl);
+        if pttl_ms >= 0 {
+            ttl = ttl.min(Duration::from_millis(pttl_ms as u64));
+        }
+        if ttl.is_zero() {
+            return;
+        }
+        if !self.still_valid(&token) {
+            self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = Instant::now();
+        let mut replies: Vec<(Bytes, Bytes)> = match self.cache.get(&key) {
+            Some(e) if e.expires_at > now => e
+                .replies
+                .iter()
+                .filter(|(s, _)| *s != sig)
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        // An entry's lifetime is that of its newest reply, which mirrors the key's TTL now.
+        replies.push((sig, reply));
+        self.cache.insert(
+            key.clone(),
+            KeyEntry {
+                replies: Arc::new(replies),
+                expires_at: now + ttl,
+            },
+        );
+        if !self.still_valid(&token) {
+            // An invalidation raced the insert: it may have run before the insert landed.
+            self.cache.invalidate(&key);
+            self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.stats.fills.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops every cached reply about `key`, and stops in-flight reads from caching it.
+    pub fn invalidate(&self, key: &[u8]) {
+        let b = self.bucket(key);
+        self.gens[b].fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate(key);
+        self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops everything (and stops every in-flight fill).
+    pub fn flush(&self, why: &str) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.cache.invalidate_all();
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(reason = why, "L1 flushed");
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    /// Bytes held (as weighed, i.e. never less than the real bytes).
+    pub fn weighted_bytes(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.weighted_size()
+    }
+
+    /// Replies cached for `key` (TIERPROXY.L1 GET), with remaining lifetime.
+    pub fn peek(&self, key: &[u8]) -> Option<(Vec<(Bytes, Bytes)>, Duration)> {
+        self.cache.get(key).map(|e| {
+            (
+                e.replies.as_ref().clone(),
+                e.expires_at.saturating_duration_since(Instant::now()),
+            )
+        })
+    }
+}

@@ -1,0 +1,150 @@
+//! Server-assisted client-side caching: one invalidation connection per upstream node.
+//!
+//! The node's data connections turn tracking on with `REDIRECT <id of this connection>`,
+//! so every key any of them reads is tracked by Redis, and a write to it from anywhere
+//! (another proxy, a direct client, expiry, eviction) sends the key here as a message on
+//! `__redis__:invalidate`; a null message means "everything" (FLUSHALL/FLUSHDB).
+//!
+//! If this connection closes, invalidations for the node's keys are lost from then on:
+//! L1 is flushed and the caller recycles the node's data connections so that they
+//! redirect to the replacement.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame as F;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+
+use super::L1;
+use crate::error::UpstreamError;
+use crate::parse::reply::frame_len;
+use crate::respond::{command_bytes, Proto};
+use crate::upstream::conn::{handshake, read_one, Handshake};
+
+pub struct Invalidator {
+    pub id: i64,
+    alive: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
+impl Invalidator {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Invalidator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens the invalidation connection and subscribes; `on_lost` runs (after an L1 flush)
+/// if it ever closes.
+pub async fn start(
+    addr: &str,
+    hs: &Handshake,
+    timeout: Duration,
+    l1: Arc<L1>,
+    on_lost: impl Fn() + Send + Sync + 'static,
+) -> Result<Invalidator, UpstreamError> {
+    let ms = timeout.as_millis() as u64;
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(ms))?
+        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let hs = Handshake {
+        client_name: Some("tierproxy-invalidations".into()),
+        ..hs.clone()
+    };
+    let id = tokio::time::timeout(timeout, async {
+        handshake(&mut rd, &mut wr, &mut buf, Proto::Resp2, &hs, Vec::new()).await?;
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&command_bytes(&["CLIENT", "ID"]));
+        out.extend_from_slice(&command_bytes(&["SUBSCRIBE", "__redis__:invalidate"]));
+        wr.write_all(&out)
+            .await
+            .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+        let id = read_one(&mut rd, &mut buf).await?;
+        let id = crate::parse::reply::as_int(&id)
+            .ok_or_else(|| UpstreamError::Handshake("CLIENT ID: unexpected reply".into()))?;
+        let sub = read_one(&mut rd, &mut buf).await?;
+        if crate::parse::reply::is_error(&sub) {
+            return Err(UpstreamError::Handshake(format!(
+                "SUBSCRIBE __redis__:invalidate: {}",
+                String::from_utf8_lossy(&sub)
+            )));
+        }
+        Ok(id)
+    })
+    .await
+    .map_err(|_| UpstreamError::Handshake(format!("no reply within {ms} ms")))??;
+
+    let alive = Arc::new(AtomicBool::new(true));
+    let flag = alive.clone();
+    let node = Arc::<str>::from(addr);
+    let task = tokio::spawn(async move {
+        // The write half stays open for as long as we listen.
+        let _wr = wr;
+        let why = listen(&mut rd, &mut buf, &l1).await;
+        flag.store(false, Ordering::Release);
+        tracing::warn!(upstream = %node, reason = %why, "invalidation connection lost; flushing L1");
+        l1.flush("invalidation connection lost");
+        on_lost();
+    });
+    Ok(Invalidator {
+        id,
+        alive,
+        task: task.abort_handle(),
+    })
+}
+
+async fn listen(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut, l1: &L1) -> String {
+    loop {
+        loop {
+            let n = match frame_len(buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => return format!("bad frame: {}", e.0),
+            };
+            let frame = buf.split_to(n);
+            match redis_protocol::resp2::decode::decode(&frame) {
+                Ok(Some((f, _))) => apply(&f, l1),
+                _ => return "undecodable message".into(),
+            }
+        }
+        buf.reserve(16 * 1024);
+        match rd.read_buf(buf).await {
+            Ok(0) => return "closed by the server".into(),
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+/// `["message", "__redis__:invalidate", [key…] | nil]`
+fn apply(f: &F, l1: &L1) {
+    let F::Array(parts) = f else { return };
+    let is_message = matches!(parts.first(), Some(F::BulkString(k)) if k.as_slice() == b"message");
+    if !is_message || parts.len() < 3 {
+        return;
+    }
+    match &parts[2] {
+        F::Array(keys) => {
+            for k in keys {
+                if let F::BulkString(k) | F::SimpleString(k) = k {
+                    l1.invalidate(k);
+                }
+            }
+        }
+        F::Null => l1.flush("FLUSHALL/FLUSHDB on the upstream"),
+        _ => {}
+    }
+}

@@ -1,0 +1,161 @@
+//! The L1 side of the request path: cacheable reads served from and filled into L1,
+//! and writes invalidating their keys before their replies go out.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Pending;
+use crate::client::session::Session;
+use crate::l1::{Role, L1};
+use crate::parse::reply::{as_int, is_error};
+use crate::parse::request::Request;
+use crate::respond::{command_bytes, Proto, Value};
+use crate::upstream::Target;
+use crate::Proxy;
+
+/// Deterministic, read-only commands about one key whose reply depends only on the key's
+/// value. Never: anything time- or randomness-dependent (TTL, PTTL, OBJECT, SRANDMEMBER,
+/// HRANDFIELD, ZRANDMEMBER, RANDOMKEY) — they are simply not listed.
+pub fn cacheable(name: &str) -> bool {
+    matches!(
+        name,
+        "get"
+            | "mget"
+            | "getrange"
+            | "substr"
+            | "strlen"
+            | "getbit"
+            | "bitcount"
+            | "bitpos"
+            | "exists"
+            | "type"
+            | "hget"
+            | "hmget"
+            | "hgetall"
+            | "hlen"
+            | "hexists"
+            | "hstrlen"
+            | "hkeys"
+            | "hvals"
+            | "smembers"
+            | "sismember"
+            | "smismember"
+            | "scard"
+            | "lrange"
+            | "lindex"
+            | "llen"
+            | "lpos"
+            | "zrange"
+            | "zrangebyscore"
+            | "zrevrange"
+            | "zrevrangebyscore"
+            | "zrangebylex"
+            | "zrevrangebylex"
+            | "zscore"
+            | "zmscore"
+            | "zcard"
+            | "zrank"
+            | "zrevrank"
+            | "zcount"
+            | "zlexcount"
+    )
+}
+
+fn signature(proto: Proto, raw: &[u8]) -> Bytes {
+    let mut sig = BytesMut::with_capacity(raw.len() + 1);
+    sig.put_u8(proto.version() as u8);
+    sig.put_slice(raw);
+    sig.freeze()
+}
+
+/// A cacheable read of one key: from L1, or from upstream (merged with identical reads
+/// in flight) and then filled, with the key's PTTL read in the same round trip.
+pub async fn read(
+    px: &Arc<Proxy>,
+    sess: &Session,
+    l1: &Arc<L1>,
+    key: Bytes,
+    target: Target,
+    req: Request,
+) -> Pending {
+    let proto = sess.proto;
+    let hint = sess.hint();
+    let sig = signature(proto, &req.raw);
+    if let Some(reply) = l1.get(&key, &sig) {
+        return Pending::Ready(Value::Raw(reply));
+    }
+    if !l1.admit(&key) {
+        return Pending::Forwarded(px.upstream.start(target, req.raw, proto, hint).await);
+    }
+    match l1.lead_or_follow(&sig, &key) {
+        Role::Follow(rx) => {
+            let px = px.clone();
+            Pending::Later(Box::pin(async move {
+                match rx.await {
+                    Ok(reply) => Value::Raw(reply),
+                    // The leader gave up (its client left, or it failed): read ourselves.
+                    Err(_) => match px.upstream.call(target, req.raw, proto, hint).await {
+                        Ok(raw) => Value::Raw(raw),
+                        Err(e) => e.to_reply(),
+                    },
+                }
+            }))
+        }
+        Role::Lead(guard) => {
+            let token = guard.token;
+            let value = px
+                .upstream
+                .start(target.clone(), req.raw, proto, hint)
+                .await;
+            let pttl_cmd = command_bytes(&[&b"PTTL"[..], &key]);
+            let pttl = px.upstream.start(target, pttl_cmd, proto, hint).await;
+            let px = px.clone();
+            let l1 = l1.clone();
+            Pending::Later(Box::pin(async move {
+                let reply = px.upstream.finish(value).await;
+                let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
+                match reply {
+                    Ok(reply) => {
+                        if let (Some(ms), false) = (pttl, is_error(&reply)) {
+                            l1.fill(key, token, sig, reply.clone(), ms);
+                        }
+                        guard.complete(&reply);
+                        Value::Raw(reply)
+                    }
+                    Err(e) => e.to_reply(),
+                }
+            }))
+        }
+    }
+}
+
+/// Runs a write and invalidates its keys again once it is acknowledged, before the reply
+/// leaves: a read of the key that was in flight alongside the write can then neither
+/// stay cached nor be cached later (its fill sees the bumped generation).
+pub fn after_write(
+    px: &Arc<Proxy>,
+    l1: &Arc<L1>,
+    keys: Vec<Bytes>,
+    flush: bool,
+    p: Pending,
+) -> Pending {
+    let px = px.clone();
+    let l1 = l1.clone();
+    let blocking = p.is_blocking();
+    let fut = async move {
+        let v = p.resolve(&px).await;
+        for k in &keys {
+            l1.invalidate(k);
+        }
+        if flush {
+            l1.flush("FLUSHALL/FLUSHDB through the proxy");
+        }
+        v
+    };
+    if blocking {
+        Pending::Blocking(Box::pin(fut))
+    } else {
+        Pending::Later(Box::pin(fut))
+    }
+}

@@ -1,0 +1,587 @@
+//! L1 against a real cluster, with two proxies (A and B) caching the same keys and a
+//! third without L1 as the ground truth.
+
+mod support;
+
+use std::io::Write;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use support::{shared_cluster, tag, Proxy, Resp};
+
+fn s(b: Vec<u8>) -> String {
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+fn config(body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(body.as_bytes()).unwrap();
+    f
+}
+
+fn l1_proxy(extra: &str) -> Proxy {
+    let cfg = config(&format!(
+        "[l1]\nenabled = true\nadmit_after_reads = 1\n{extra}"
+    ));
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    // The proxy has read its config; the file may go.
+    drop(cfg);
+    px
+}
+
+fn a() -> &'static Proxy {
+    static P: OnceLock<Proxy> = OnceLock::new();
+    P.get_or_init(|| l1_proxy(""))
+}
+
+fn b() -> &'static Proxy {
+    static P: OnceLock<Proxy> = OnceLock::new();
+    P.get_or_init(|| l1_proxy(""))
+}
+
+fn truth() -> &'static Proxy {
+    static P: OnceLock<Proxy> = OnceLock::new();
+    P.get_or_init(|| Proxy::start(&shared_cluster().seeds(), &[], &[]))
+}
+
+fn stat(c: &mut Resp, name: &str) -> i64 {
+    let info = s(c.cmd(&["INFO", "l1"]));
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
+fn cached(c: &mut Resp, key: &str) -> bool {
+    !s(c.cmd(&["TIERPROXY.L1", "GET", key])).starts_with("$-1")
+}
+
+/// `redis-cli -c` against the cluster: a direct client that bypasses every proxy.
+fn direct(args: &[&str]) -> String {
+    let seed = &shared_cluster().seeds()[0];
+    let (host, port) = seed.rsplit_once(':').unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-c", "-h", host, "-p", port])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn hits_are_served_without_upstream_calls_and_admission_waits_for_hot_keys() {
+    // A server of its own, so that its command counters see only this test.
+    let redis = support::RedisServer::start();
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 3\n");
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let get_calls = || {
+        let info = s(Resp::connect(&redis.addr()).cmd(&["INFO", "commandstats"]));
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}hot", tag("admit"));
+    assert_eq!(s(c.cmd(&["SET", &k, "v"])), "+OK\r\n");
+    for _ in 0..2 {
+        assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+        assert!(!cached(&mut c, &k), "cached before the third read");
+    }
+    assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    assert!(cached(&mut c, &k), "the third read should fill L1");
+    let hits = stat(&mut c, "l1_hits");
+    let before = get_calls();
+    for _ in 0..200 {
+        assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    }
+    assert_eq!(stat(&mut c, "l1_hits") - hits, 200);
+    assert_eq!(get_calls() - before, 0, "L1 hits reached the upstream");
+    // RESP3 replies are cached separately and stay RESP3.
+    c.cmd(&["HELLO", "3"]);
+    let m = format!("{}missing", tag("admit"));
+    for _ in 0..4 {
+        assert_eq!(s(c.cmd(&["GET", &m])), "_\r\n");
+    }
+}
+
+struct Case {
+    setup: &'static [&'static [&'static str]],
+    read: &'static [&'static str],
+    write: &'static [&'static str],
+}
+
+/// `K` is the key under test, `O` another key in the same slot.
+const CASES: &[Case] = &[
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["SET", "K", "2"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["APPEND", "K", "x"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["INCR", "K"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["INCRBYFLOAT", "K", "1.5"],
+    },
+    Case {
+        setup: &[&["SET", "K", "abc"]],
+        read: &["GETRANGE", "K", "0", "-1"],
+        write: &["SETRANGE", "K", "1", "Z"],
+    },
+    Case {
+        setup: &[&["SET", "K", "abc"]],
+        read: &["STRLEN", "K"],
+        write: &["SET", "K", "abcdef"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["GETSET", "K", "2"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["GETDEL", "K"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["EXISTS", "K"],
+        write: &["DEL", "K"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["UNLINK", "K"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["SET", "K", "3", "GET"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["SETEX", "K", "100", "4"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["MSET", "K", "5", "O", "5"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["PEXPIRE", "K", "0"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["TYPE", "K"],
+        write: &["RENAME", "K", "O"],
+    },
+    Case {
+        setup: &[&["SET", "O", "1"]],
+        read: &["GET", "K"],
+        write: &["RENAME", "O", "K"],
+    },
+    Case {
+        setup: &[&["SET", "O", "9"], &["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["COPY", "O", "K", "REPLACE"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["EVAL", "return redis.call('SET', KEYS[1], 'lua')", "1", "K"],
+    },
+    Case {
+        setup: &[&["SET", "K", "1"]],
+        read: &["GET", "K"],
+        write: &["SET", "K", "6", "XX"],
+    },
+    Case {
+        setup: &[&["HSET", "K", "f", "1"]],
+        read: &["HGET", "K", "f"],
+        write: &["HSET", "K", "f", "2"],
+    },
+    Case {
+        setup: &[&["HSET", "K", "f", "1"]],
+        read: &["HGETALL", "K"],
+        write: &["HINCRBY", "K", "f", "5"],
+    },
+    Case {
+        setup: &[&["HSET", "K", "f", "1", "g", "2"]],
+        read: &["HLEN", "K"],
+        write: &["HDEL", "K", "g"],
+    },
+    Case {
+        setup: &[&["HSET", "K", "f", "1"]],
+        read: &["HMGET", "K", "f", "g"],
+        write: &["HSETNX", "K", "g", "7"],
+    },
+    Case {
+        setup: &[&["RPUSH", "K", "a", "b"]],
+        read: &["LRANGE", "K", "0", "-1"],
+        write: &["LPUSH", "K", "z"],
+    },
+    Case {
+        setup: &[&["RPUSH", "K", "a", "b"]],
+        read: &["LINDEX", "K", "0"],
+        write: &["LSET", "K", "0", "q"],
+    },
+    Case {
+        setup: &[&["RPUSH", "K", "a", "b"]],
+        read: &["LLEN", "K"],
+        write: &["RPOP", "K"],
+    },
+    Case {
+        setup: &[&["RPUSH", "K", "a", "b", "c"]],
+        read: &["LRANGE", "K", "0", "-1"],
+        write: &["LTRIM", "K", "0", "0"],
+    },
+    Case {
+        setup: &[&["RPUSH", "O", "m"], &["RPUSH", "K", "a"]],
+        read: &["LRANGE", "K", "0", "-1"],
+        write: &["LMOVE", "O", "K", "LEFT", "LEFT"],
+    },
+    Case {
+        setup: &[&["SADD", "K", "a"]],
+        read: &["SMEMBERS", "K"],
+        write: &["SADD", "K", "b"],
+    },
+    Case {
+        setup: &[&["SADD", "K", "a", "b"]],
+        read: &["SCARD", "K"],
+        write: &["SREM", "K", "a"],
+    },
+    Case {
+        setup: &[&["SADD", "K", "a"]],
+        read: &["SISMEMBER", "K", "a"],
+        write: &["SPOP", "K"],
+    },
+    Case {
+        setup: &[&["SADD", "O", "x"], &["SADD", "K", "a"]],
+        read: &["SMEMBERS", "K"],
+        write: &["SUNIONSTORE", "K", "O"],
+    },
+    Case {
+        setup: &[&["ZADD", "K", "1", "a"]],
+        read: &["ZSCORE", "K", "a"],
+        write: &["ZINCRBY", "K", "2", "a"],
+    },
+    Case {
+        setup: &[&["ZADD", "K", "1", "a", "2", "b"]],
+        read: &["ZRANGE", "K", "0", "-1", "WITHSCORES"],
+        write: &["ZREM", "K", "a"],
+    },
+    Case {
+        setup: &[&["ZADD", "K", "1", "a"]],
+        read: &["ZCARD", "K"],
+        write: &["ZADD", "K", "3", "c"],
+    },
+    Case {
+        setup: &[&["ZADD", "K", "1", "a", "2", "b"]],
+        read: &["ZRANK", "K", "b"],
+        write: &["ZPOPMIN", "K"],
+    },
+    Case {
+        setup: &[&["RPUSH", "K", "a", "b"]],
+        read: &["LRANGE", "K", "0", "-1"],
+        write: &["BLMOVE", "K", "O", "LEFT", "LEFT", "1"],
+    },
+];
+
+#[test]
+fn read_your_writes_for_every_write_command() {
+    let mut c = Resp::connect(&a().addr());
+    let mut t = Resp::connect(&truth().addr());
+    for (i, case) in CASES.iter().enumerate() {
+        let tg = tag(&format!("ryw{i}"));
+        let (k, o) = (format!("{tg}k"), format!("{tg}o"));
+        let sub = |cmd: &[&str]| -> Vec<String> {
+            cmd.iter()
+                .map(|a| match *a {
+                    "K" => k.clone(),
+                    "O" => o.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        };
+        let run = |c: &mut Resp, cmd: &[&str]| {
+            let args = sub(cmd);
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            s(c.cmd(&refs))
+        };
+        for st in case.setup {
+            run(&mut c, st);
+        }
+        let first = run(&mut c, case.read);
+        assert_eq!(run(&mut c, case.read), first);
+        assert!(
+            cached(&mut c, &k),
+            "case {i}: {:?} was not cached",
+            case.read
+        );
+        run(&mut c, case.write);
+        let through_a = run(&mut c, case.read);
+        let real = run(&mut t, case.read);
+        assert_eq!(
+            through_a, real,
+            "case {i}: after {:?}, {:?} through L1 differs from Redis",
+            case.write, case.read
+        );
+        assert_ne!(
+            first, real,
+            "case {i}: the write {:?} should change {:?}",
+            case.write, case.read
+        );
+    }
+}
+
+/// Polls `read` through `c` until it returns `want`; the time it took.
+fn until(c: &mut Resp, read: &[&str], want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = s(c.cmd(read));
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "still {got:?} after {limit:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn writes_elsewhere_reach_l1_within_milliseconds() {
+    let mut ca = Resp::connect(&a().addr());
+    let mut cb = Resp::connect(&b().addr());
+    let k = format!("{}x", tag("coherent"));
+    let mut windows = Vec::new();
+    for round in 0..20 {
+        let v = format!("v{round}");
+        assert_eq!(s(cb.cmd(&["SET", &k, &v])), "+OK\r\n");
+        let want = format!("${}\r\n{v}\r\n", v.len());
+        until(&mut ca, &["GET", &k], &want, Duration::from_secs(2));
+        assert!(cached(&mut ca, &k));
+        // A direct write (no proxy involved) …
+        let v2 = format!("d{round}");
+        let start = Instant::now();
+        assert_eq!(direct(&["SET", &k, &v2]), "OK");
+        let want2 = format!("${}\r\n{v2}\r\n", v2.len());
+        until(&mut ca, &["GET", &k], &want2, Duration::from_secs(1));
+        windows.push(start.elapsed());
+    }
+    windows.sort();
+    let median = windows[windows.len() / 2];
+    eprintln!(
+        "staleness after a direct write: median {median:?}, max {:?}",
+        windows.last().unwrap()
+    );
+    // The direct write includes starting redis-cli, so this bounds the window from above.
+    assert!(
+        median < Duration::from_millis(100),
+        "median staleness {median:?}"
+    );
+}
+
+#[test]
+fn an_entry_never_outlives_the_keys_ttl() {
+    let mut c = Resp::connect(&a().addr());
+    let k = format!("{}ttl", tag("ttl"));
+    assert_eq!(s(c.cmd(&["SET", &k, "v", "PX", "300"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    let entry = s(c.cmd(&["TIERPROXY.L1", "GET", &k]));
+    let ttl: i64 = entry
+        .split("ttl_ms\r\n:")
+        .nth(1)
+        .and_then(|r| r.split("\r\n").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{entry}"));
+    assert!(ttl <= 300, "L1 entry lives {ttl} ms, key only 300");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(s(c.cmd(&["GET", &k])), "$-1\r\n");
+}
+
+#[test]
+fn byte_budget_holds_under_ten_times_the_load() {
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\nmax_bytes = 1048576\nmax_value_bytes = 65536\n");
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let value = "x".repeat(60_000);
+    let t = tag("budget");
+    for i in 0..175 {
+        let k = format!("{t}{i}");
+        assert_eq!(s(c.cmd(&["SET", &k, &value])), "+OK\r\n");
+        c.cmd(&["GET", &k]);
+        c.cmd(&["GET", &k]);
+    }
+    let bytes = stat(&mut c, "l1_bytes");
+    assert!(bytes <= 1_048_576, "L1 holds {bytes} bytes, budget 1 MiB");
+    assert!(
+        stat(&mut c, "l1_entries") > 5,
+        "L1 should still hold some entries"
+    );
+    assert!(stat(&mut c, "l1_evictions") > 0);
+    // Too large to cache at all.
+    let big = "y".repeat(70_000);
+    let kb = format!("{t}big");
+    c.cmd(&["SET", &kb, &big]);
+    c.cmd(&["GET", &kb]);
+    assert!(!cached(&mut c, &kb));
+}
+
+#[test]
+fn killed_upstream_connections_never_leave_stale_entries() {
+    // A cluster of its own: killing connections would disturb the other tests' proxies.
+    let cluster = support::RedisCluster::start(3, 0);
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\n");
+    let px = Proxy::start(
+        &cluster.seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}kill", tag("kill"));
+    assert_eq!(s(c.cmd(&["SET", &k, "old"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", &k])), "$3\r\nold\r\n");
+    assert!(cached(&mut c, &k));
+    let mut killed = 0;
+    for m in cluster.master_addrs() {
+        let mut d = Resp::connect(&m);
+        let list = s(d.cmd(&["CLIENT", "LIST"]));
+        for line in list.lines().filter(|l| l.contains("name=tierproxy")) {
+            let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).unwrap();
+            d.cmd(&["CLIENT", "KILL", "ID", id]);
+            killed += 1;
+        }
+    }
+    assert!(
+        killed >= 2,
+        "expected data and invalidation connections to kill"
+    );
+    // A direct write right after: no invalidation can reach the proxy over the killed
+    // connections, so only the flush on connection loss keeps L1 from serving "old".
+    let mut written = false;
+    for m in cluster.master_addrs() {
+        written |= s(Resp::connect(&m).cmd(&["SET", &k, "new"])) == "+OK\r\n";
+    }
+    assert!(written);
+    until(
+        &mut c,
+        &["GET", &k],
+        "$3\r\nnew\r\n",
+        Duration::from_secs(1),
+    );
+}
+
+#[test]
+fn fill_race_stress_through_two_proxies_ends_with_the_final_value() {
+    let keys: Vec<String> = (0..4).map(|i| format!("{}r{i}", tag("race"))).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (n, addr) in [a().addr(), b().addr(), a().addr(), b().addr()]
+        .into_iter()
+        .enumerate()
+    {
+        for role in ["reader", "writer"] {
+            let keys = keys.clone();
+            let stop = stop.clone();
+            let addr = addr.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut c = Resp::connect(&addr);
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = &keys[(i as usize + n) % keys.len()];
+                    if role == "writer" {
+                        c.cmd(&["SET", k, &format!("{n}-{i}")]);
+                    } else {
+                        c.cmd(&["GET", k]);
+                    }
+                    i += 1;
+                }
+            }));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut w = Resp::connect(&truth().addr());
+    for k in &keys {
+        assert_eq!(s(w.cmd(&["SET", k, "final"])), "+OK\r\n");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    for addr in [a().addr(), b().addr()] {
+        let mut c = Resp::connect(&addr);
+        for k in &keys {
+            assert_eq!(
+                s(c.cmd(&["GET", k])),
+                "$5\r\nfinal\r\n",
+                "{k} through {addr}"
+            );
+        }
+    }
+    let mut c = Resp::connect(&a().addr());
+    eprintln!(
+        "fills {} raced {} merged {}",
+        stat(&mut c, "l1_fills"),
+        stat(&mut c, "l1_fills_raced"),
+        stat(&mut c, "l1_merged_reads")
+    );
+}
+
+#[test]
+fn flushall_on_the_upstream_flushes_l1() {
+    // A cluster of its own: FLUSHALL would disturb the other tests.
+    let cluster = support::RedisCluster::start(3, 0);
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\n");
+    let px = Proxy::start(
+        &cluster.seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}f", tag("flush"));
+    c.cmd(&["SET", &k, "v"]);
+    c.cmd(&["GET", &k]);
+    assert!(cached(&mut c, &k));
+    for m in cluster.master_addrs() {
+        Resp::connect(&m).cmd(&["FLUSHALL"]);
+    }
+    until(&mut c, &["GET", &k], "$-1\r\n", Duration::from_secs(1));
+    // And through the proxy.
+    c.cmd(&["SET", &k, "v"]);
+    c.cmd(&["GET", &k]);
+    assert!(cached(&mut c, &k));
+    assert_eq!(s(c.cmd(&["FLUSHALL"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", &k])), "$-1\r\n");
+    assert_eq!(s(c.cmd(&["TIERPROXY.L1", "FLUSH"])), "+OK\r\n");
+}
