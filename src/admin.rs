@@ -41,6 +41,13 @@ pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
 fn route(px: &Proxy, path: &str) -> (&'static str, String) {
     match path {
         "/healthz" => ("200 OK", "ok\n".into()),
+        "/metrics" => match &px.prometheus {
+            Some(h) => ("200 OK", crate::metrics::render(px, h)),
+            None => (
+                "503 Service Unavailable",
+                "metrics recorder unavailable\n".into(),
+            ),
+        },
         "/readyz" => {
             if px.draining.load(Ordering::Acquire) {
                 ("503 Service Unavailable", "draining\n".into())

@@ -66,6 +66,9 @@ pub struct L1Config {
     pub admit_window_ms: u64,
     /// "tracking" (Redis CLIENT TRACKING, coherent) or "ttl" (may be stale up to max_ttl).
     pub coherence: String,
+    /// `PUBLISH <channel> <key>` drops `key` from every proxy's L1 (the seed's event-based
+    /// invalidation; needs tracking mode). Empty disables it.
+    pub invalidation_channel: String,
 }
 
 impl Default for L1Config {
@@ -80,6 +83,7 @@ impl Default for L1Config {
             admit_after_reads: DEFAULT_L1_ADMIT_AFTER_READS,
             admit_window_ms: DEFAULT_L1_ADMIT_WINDOW_MS,
             coherence: "tracking".into(),
+            invalidation_channel: "cache:invalidate".into(),
         }
     }
 }

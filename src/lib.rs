@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod l1;
+pub mod metrics;
 pub mod parse;
 pub mod respond;
 pub mod route;
@@ -83,6 +84,8 @@ pub struct Proxy {
     pub draining: AtomicBool,
     /// Client connections being served right now (for the shutdown drain).
     pub active: AtomicUsize,
+    /// Prometheus registry handle (`None` if another recorder was installed first).
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// Binds, serves until `shutdown` resolves, drains, and returns.
@@ -122,12 +125,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         local_port: AtomicU16::new(local.port()),
         draining: AtomicBool::new(false),
         active: AtomicUsize::new(0),
+        prometheus: metrics::install(),
         cfg,
     });
     let topo_task = tokio::spawn(upstream::topology::run(upstream));
     let admin_task = admin.map(|l| {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "admin listening");
+            println!("tierproxy admin listening on {a}");
         }
         tokio::spawn(admin::serve(px.clone(), l))
     });

@@ -585,3 +585,127 @@ fn flushall_on_the_upstream_flushes_l1() {
     assert_eq!(s(c.cmd(&["GET", &k])), "$-1\r\n");
     assert_eq!(s(c.cmd(&["TIERPROXY.L1", "FLUSH"])), "+OK\r\n");
 }
+
+#[test]
+fn mget_is_served_per_key_from_l1_and_stays_read_your_writes() {
+    let mut c = Resp::connect(&a().addr());
+    let t = tag("mget").replace(['{', '}'], "");
+    let keys: Vec<String> = (0..20).map(|i| format!("{t}:{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        if i % 5 == 4 {
+            c.cmd(&["RPUSH", k, "list"]); // another type: nil in MGET
+        } else if i % 5 != 3 {
+            c.cmd(&["SET", k, &format!("v{i}")]);
+        }
+    }
+    let mut args = vec!["MGET"];
+    args.extend(keys.iter().map(String::as_str));
+    let mut t_conn = Resp::connect(&truth().addr());
+    let want = s(t_conn.cmd(&args));
+    assert_eq!(s(c.cmd(&args)), want);
+    assert_eq!(s(c.cmd(&args)), want);
+    assert!(cached(&mut c, &keys[0]), "MGET should fill per key");
+    assert_eq!(s(c.cmd(&["GET", &keys[0]])), "$2\r\nv0\r\n");
+    let hits = stat(&mut c, "l1_hits");
+    assert_eq!(s(c.cmd(&args)), want);
+    assert!(
+        stat(&mut c, "l1_hits") - hits >= 10,
+        "a repeated MGET should hit L1"
+    );
+    // A cross-slot MSET through the proxy, then the MGET again.
+    assert_eq!(
+        s(c.cmd(&["MSET", &keys[0], "n0", &keys[1], "n1"])),
+        "+OK\r\n"
+    );
+    let want = s(t_conn.cmd(&args));
+    assert!(want.contains("n0") && want.contains("n1"));
+    assert_eq!(s(c.cmd(&args)), want);
+    // RESP3 too.
+    c.cmd(&["HELLO", "3"]);
+    let mut t3 = Resp::connect(&truth().addr());
+    t3.cmd(&["HELLO", "3"]);
+    let want3 = s(t3.cmd(&args));
+    assert_eq!(s(c.cmd(&args)), want3);
+    assert_eq!(s(c.cmd(&args)), want3);
+}
+
+#[test]
+fn tags_delete_every_tagged_key_across_slots() {
+    let mut ca = Resp::connect(&a().addr());
+    let mut cb = Resp::connect(&b().addr());
+    let t = tag("tags").replace(['{', '}'], "");
+    let keys: Vec<String> = (0..30).map(|i| format!("{t}:{i}")).collect();
+    let label = format!("{t}-label");
+    for k in &keys {
+        assert_eq!(s(ca.cmd(&["SET", k, "v"])), "+OK\r\n");
+        assert_eq!(s(ca.cmd(&["TIERPROXY.TAG", k, &label, "other"])), ":2\r\n");
+        ca.cmd(&["GET", k]);
+        cb.cmd(&["GET", k]);
+    }
+    assert!(cached(&mut cb, &keys[0]));
+    let untagged = format!("{t}:untagged");
+    ca.cmd(&["SET", &untagged, "stays"]);
+    assert_eq!(s(ca.cmd(&["TIERPROXY.INVALIDATE", &label])), ":30\r\n");
+    for k in &keys {
+        assert_eq!(s(ca.cmd(&["GET", k])), "$-1\r\n");
+        // The other proxy learns through tracking.
+        until(&mut cb, &["GET", k], "$-1\r\n", Duration::from_secs(1));
+    }
+    assert_eq!(s(ca.cmd(&["GET", &untagged])), "$5\r\nstays\r\n");
+    assert_eq!(s(ca.cmd(&["TIERPROXY.INVALIDATE", &label])), ":0\r\n");
+    assert_eq!(
+        s(ca.cmd(&["TIERPROXY.TAG", "k"])),
+        "-ERR wrong number of arguments for 'tierproxy.tag' command\r\n"
+    );
+}
+
+#[test]
+fn publish_on_the_invalidation_channel_drops_keys_everywhere() {
+    let mut ca = Resp::connect(&a().addr());
+    let mut cb = Resp::connect(&b().addr());
+    let k = format!("{}ev", tag("event"));
+    ca.cmd(&["SET", &k, "v"]);
+    ca.cmd(&["GET", &k]);
+    cb.cmd(&["GET", &k]);
+    assert!(cached(&mut ca, &k) && cached(&mut cb, &k));
+    // A publish from anywhere (here: directly to Redis).
+    direct(&["PUBLISH", "cache:invalidate", &k]);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while cached(&mut ca, &k) || cached(&mut cb, &k) {
+        assert!(
+            Instant::now() < deadline,
+            "the event did not reach both proxies"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn prometheus_counts_hits_and_misses_by_level() {
+    let px = l1_proxy("");
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}m", tag("metrics"));
+    let missing = format!("{}none", tag("metrics"));
+    c.cmd(&["SET", &k, "v"]);
+    for _ in 0..5 {
+        c.cmd(&["GET", &k]);
+    }
+    c.cmd(&["GET", &missing]);
+    let (status, body) = px.admin_get("/metrics");
+    assert_eq!(status, 200, "{body}");
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    };
+    assert_eq!(value("tierproxy_cache_hits_total{level=\"l1\"}"), 4.0);
+    // One miss for the first GET of k, and one for the missing key (cached as nil too).
+    assert_eq!(value("tierproxy_cache_misses_total{level=\"l1\"}"), 2.0);
+    assert_eq!(value("tierproxy_cache_hits_total{level=\"l2\"}"), 1.0);
+    assert_eq!(value("tierproxy_cache_misses_total{level=\"l2\"}"), 1.0);
+    assert!(body.contains("# HELP tierproxy_l1_bytes"), "{body}");
+    assert_eq!(px.admin_get("/healthz").0, 200);
+    assert_eq!(px.admin_get("/readyz").0, 200);
+}

@@ -96,6 +96,9 @@ pub struct L1Stats {
     pub flushes: AtomicU64,
     /// Misses that waited for an identical read already in flight.
     pub merged: AtomicU64,
+    /// L1 misses answered by Redis with a value / with nil.
+    pub l2_hits: AtomicU64,
+    pub l2_misses: AtomicU64,
     pub evictions: Arc<AtomicU64>,
 }
 
@@ -109,6 +112,8 @@ pub struct FillToken {
 
 pub struct L1 {
     pub coherence: Coherence,
+    /// Channel whose messages name keys to drop (seed's event-based invalidation).
+    pub event_channel: Option<Bytes>,
     max_value_bytes: usize,
     default_ttl: Duration,
     max_ttl: Duration,
@@ -181,6 +186,8 @@ impl L1 {
             .time_to_live(Duration::from_millis(cfg.admit_window_ms))
             .build();
         L1 {
+            event_channel: (!cfg.invalidation_channel.is_empty())
+                .then(|| Bytes::from(cfg.invalidation_channel.clone())),
             coherence: if cfg.coherence == "ttl" {
                 Coherence::Ttl
             } else {

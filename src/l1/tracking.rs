@@ -68,19 +68,26 @@ pub async fn start(
         handshake(&mut rd, &mut wr, &mut buf, Proto::Resp2, &hs, Vec::new()).await?;
         let mut out = BytesMut::new();
         out.extend_from_slice(&command_bytes(&["CLIENT", "ID"]));
-        out.extend_from_slice(&command_bytes(&["SUBSCRIBE", "__redis__:invalidate"]));
+        let mut sub: Vec<&[u8]> = vec![b"SUBSCRIBE", b"__redis__:invalidate"];
+        if let Some(ch) = &l1.event_channel {
+            sub.push(ch);
+        }
+        let confirmations = sub.len() - 1;
+        out.extend_from_slice(&command_bytes(&sub));
         wr.write_all(&out)
             .await
             .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
         let id = read_one(&mut rd, &mut buf).await?;
         let id = crate::parse::reply::as_int(&id)
             .ok_or_else(|| UpstreamError::Handshake("CLIENT ID: unexpected reply".into()))?;
-        let sub = read_one(&mut rd, &mut buf).await?;
-        if crate::parse::reply::is_error(&sub) {
-            return Err(UpstreamError::Handshake(format!(
-                "SUBSCRIBE __redis__:invalidate: {}",
-                String::from_utf8_lossy(&sub)
-            )));
+        for _ in 0..confirmations {
+            let sub = read_one(&mut rd, &mut buf).await?;
+            if crate::parse::reply::is_error(&sub) {
+                return Err(UpstreamError::Handshake(format!(
+                    "SUBSCRIBE: {}",
+                    String::from_utf8_lossy(&sub)
+                )));
+            }
         }
         Ok(id)
     })
@@ -129,11 +136,20 @@ async fn listen(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut, l1:
     }
 }
 
-/// `["message", "__redis__:invalidate", [key…] | nil]`
+/// `["message", "__redis__:invalidate", [key…] | nil]`, or
+/// `["message", <event channel>, key]`.
 fn apply(f: &F, l1: &L1) {
     let F::Array(parts) = f else { return };
     let is_message = matches!(parts.first(), Some(F::BulkString(k)) if k.as_slice() == b"message");
     if !is_message || parts.len() < 3 {
+        return;
+    }
+    let on_event_channel = matches!((&parts[1], &l1.event_channel),
+        (F::BulkString(ch), Some(ev)) if ch.as_slice() == ev.as_ref());
+    if on_event_channel {
+        if let F::BulkString(key) = &parts[2] {
+            l1.invalidate(key);
+        }
         return;
     }
     match &parts[2] {

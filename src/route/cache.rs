@@ -62,11 +62,45 @@ pub fn cacheable(name: &str) -> bool {
     )
 }
 
-fn signature(proto: Proto, raw: &[u8]) -> Bytes {
-    let mut sig = BytesMut::with_capacity(raw.len() + 1);
+/// The cache key of a request within its key's entry: protocol version and the command
+/// with its name lower-cased, so `GET k`, `get k` and an MGET of `k` share one reply.
+fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
+    let mut sig = BytesMut::with_capacity(args.iter().map(|a| a.len() + 8).sum::<usize>() + 1);
     sig.put_u8(proto.version() as u8);
-    sig.put_slice(raw);
+    let mut canonical: Vec<Bytes> = Vec::with_capacity(args.len());
+    canonical.push(Bytes::from(args[0].to_ascii_lowercase()));
+    canonical.extend(args[1..].iter().cloned());
+    crate::respond::encode_command(&canonical, &mut sig);
     sig.freeze()
+}
+
+/// MGET of several keys: each key is a cached GET (an MGET element is byte for byte the
+/// GET reply), merged in key order. A key of another type is nil, as in MGET.
+pub async fn mget(px: &Arc<Proxy>, sess: &Session, l1: &Arc<L1>, keys: Vec<Bytes>) -> Pending {
+    let mut parts = Vec::with_capacity(keys.len());
+    for key in keys {
+        let target = Target::Slot(crate::upstream::key_slot(&key));
+        let req = Request::from_args(vec![Bytes::from_static(b"GET"), key.clone()]);
+        parts.push(read(px, sess, l1, key, target, req).await);
+    }
+    let px = px.clone();
+    let proto = sess.proto;
+    Pending::Later(Box::pin(async move {
+        let mut out = BytesMut::new();
+        out.put_slice(format!("*{}\r\n", parts.len()).as_bytes());
+        for p in parts {
+            let v = p.resolve(&px).await;
+            let raw = v.to_bytes(proto);
+            if raw.starts_with(b"-WRONGTYPE") {
+                Value::Null.encode(proto, &mut out);
+            } else if is_error(&raw) {
+                return Value::Raw(raw);
+            } else {
+                out.put_slice(&raw);
+            }
+        }
+        Value::Raw(out.freeze())
+    }))
 }
 
 /// A cacheable read of one key: from L1, or from upstream (merged with identical reads
@@ -81,12 +115,22 @@ pub async fn read(
 ) -> Pending {
     let proto = sess.proto;
     let hint = sess.hint();
-    let sig = signature(proto, &req.raw);
+    let sig = signature(proto, &req.args);
     if let Some(reply) = l1.get(&key, &sig) {
         return Pending::Ready(Value::Raw(reply));
     }
     if !l1.admit(&key) {
-        return Pending::Forwarded(px.upstream.start(target, req.raw, proto, hint).await);
+        let ticket = px.upstream.start(target, req.raw, proto, hint).await;
+        let (px, l1) = (px.clone(), l1.clone());
+        return Pending::Later(Box::pin(async move {
+            match px.upstream.finish(ticket).await {
+                Ok(reply) => {
+                    count_l2(&l1, &reply);
+                    Value::Raw(reply)
+                }
+                Err(e) => e.to_reply(),
+            }
+        }));
     }
     match l1.lead_or_follow(&sig, &key) {
         Role::Follow(rx) => {
@@ -117,6 +161,7 @@ pub async fn read(
                 let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
                 match reply {
                     Ok(reply) => {
+                        count_l2(&l1, &reply);
                         if let (Some(ms), false) = (pttl, is_error(&reply)) {
                             l1.fill(key, token, sig, reply.clone(), ms);
                         }
@@ -128,6 +173,17 @@ pub async fn read(
             }))
         }
     }
+}
+
+/// L2 (Redis) hit or miss for a read L1 could not answer: a nil reply is a miss.
+fn count_l2(l1: &L1, reply: &[u8]) {
+    let nil = matches!(reply, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n");
+    let c = if nil {
+        &l1.stats.l2_misses
+    } else {
+        &l1.stats.l2_hits
+    };
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Runs a write and invalidates its keys again once it is acknowledged, before the reply

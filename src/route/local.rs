@@ -37,6 +37,8 @@ fn local_arity(name: &str) -> Option<i64> {
         "cluster|keyslot" | "cluster|countkeysinslot" => 3,
         "cluster|getkeysinslot" => 4,
         "tierproxy.l1" => -2,
+        "tierproxy.tag" => -3,
+        "tierproxy.invalidate" => 2,
         "tierproxy.l1|flush" | "tierproxy.l1|stats" => 2,
         "tierproxy.l1|get" => 3,
         _ => return None,
@@ -153,6 +155,8 @@ pub fn handle_early(
         n if n.starts_with("config|") => config(px, sess, n, a),
         n if n.starts_with("cluster|") => return Some(cluster(px, sess, n, a)),
         n if n.starts_with("tierproxy.l1|") => l1_admin(px, n, a),
+        "tierproxy.tag" => return Some(super::tags::tag(px, sess, a.to_vec())),
+        "tierproxy.invalidate" => return Some(super::tags::invalidate(px, sess, a.to_vec())),
         _ => return None,
     };
     Some(Pending::Ready(v))

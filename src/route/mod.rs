@@ -9,6 +9,7 @@ mod cache;
 mod keyspace;
 mod local;
 mod multi;
+mod tags;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -126,6 +127,10 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         }
         if cache::cacheable(&info.name) && info.policy != Policy::Local {
             let keys = info.key_indices(&req.args);
+            if info.name == "mget" && keys.len() > 1 {
+                let keys = keys.iter().map(|&i| req.args[i].clone()).collect();
+                return cache::mget(px, sess, &l1, keys).await;
+            }
             if let [k] = keys[..] {
                 let target = Target::Slot(key_slot(&req.args[k]));
                 let key = req.args[k].clone();

@@ -593,6 +593,7 @@ fn node_addr(node: &Value) -> Option<String> {
 pub struct Proxy {
     child: Child,
     addr: SocketAddr,
+    stdout: Arc<Mutex<VecDeque<String>>>,
     stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
@@ -670,6 +671,7 @@ impl Proxy {
                     return Proxy {
                         child,
                         addr,
+                        stdout,
                         stderr,
                     }
                 }
@@ -697,6 +699,39 @@ impl Proxy {
             OUTPUT_TAIL_LINES,
             join_lines(&stderr)
         );
+    }
+
+    /// The admin HTTP listener, from the `tierproxy admin listening on ADDR` line that the
+    /// proxy prints before its main listening line.
+    pub fn admin_addr(&self) -> String {
+        lock(&self.stdout)
+            .iter()
+            .find_map(|l| l.strip_prefix("tierproxy admin listening on "))
+            .map(|a| a.trim().to_string())
+            .expect("the proxy printed no admin address (started with --admin-listen \"\"?)")
+    }
+
+    /// `GET path` on the admin listener: (status code, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin_addr()).expect("admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
     }
 
     pub fn addr(&self) -> String {

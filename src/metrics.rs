@@ -1,0 +1,111 @@
+//! Every metric name and help text, in one place. Values are kept in the proxy's own
+//! atomics on the hot path and copied into the Prometheus registry when `/metrics` is
+//! scraped, so serving a request never touches the registry. Label values come from
+//! fixed sets (levels), never from keys.
+
+use std::sync::atomic::Ordering;
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::Proxy;
+
+pub const CACHE_HITS: &str = "tierproxy_cache_hits_total";
+pub const CACHE_MISSES: &str = "tierproxy_cache_misses_total";
+pub const L1_ENTRIES: &str = "tierproxy_l1_entries";
+pub const L1_BYTES: &str = "tierproxy_l1_bytes";
+pub const L1_EVICTIONS: &str = "tierproxy_l1_evictions_total";
+pub const L1_INVALIDATIONS: &str = "tierproxy_l1_invalidations_total";
+pub const L1_FLUSHES: &str = "tierproxy_l1_flushes_total";
+pub const L1_FILLS_RACED: &str = "tierproxy_l1_fills_raced_total";
+pub const L1_MERGED: &str = "tierproxy_l1_merged_reads_total";
+pub const COMMANDS: &str = "tierproxy_commands_total";
+pub const ERRORS: &str = "tierproxy_error_replies_total";
+pub const PROTOCOL_ERRORS: &str = "tierproxy_protocol_errors_total";
+pub const AUTH_FAILURES: &str = "tierproxy_auth_failures_total";
+pub const CLIENTS: &str = "tierproxy_client_connections";
+pub const CONNECTIONS: &str = "tierproxy_client_connections_received_total";
+pub const REJECTED: &str = "tierproxy_client_connections_rejected_total";
+pub const UPSTREAM_CONNECTIONS: &str = "tierproxy_upstream_connections";
+pub const TOPOLOGY_REFRESHES: &str = "tierproxy_topology_refreshes_total";
+
+/// Installs the Prometheus recorder (once per process) and describes every metric.
+pub fn install() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new().install_recorder().ok()?;
+    describe_counter!(
+        CACHE_HITS,
+        "Reads answered at a cache level (level=l1: proxy memory; l2: Redis, non-nil reply)."
+    );
+    describe_counter!(
+        CACHE_MISSES,
+        "Reads not answered at a cache level (l1: went upstream; l2: nil reply)."
+    );
+    describe_gauge!(L1_ENTRIES, "Keys held in L1.");
+    describe_gauge!(
+        L1_BYTES,
+        "Bytes held in L1, as weighed against l1.max_bytes."
+    );
+    describe_counter!(L1_EVICTIONS, "L1 entries evicted to stay within budget.");
+    describe_counter!(
+        L1_INVALIDATIONS,
+        "Key invalidations applied to L1 (writes here, tracking, events, tags)."
+    );
+    describe_counter!(
+        L1_FLUSHES,
+        "Whole-L1 flushes (lost tracking connections, topology changes, FLUSHALL)."
+    );
+    describe_counter!(
+        L1_FILLS_RACED,
+        "Upstream replies not cached because the key changed while they were in flight."
+    );
+    describe_counter!(
+        L1_MERGED,
+        "L1 misses that waited for an identical read already in flight."
+    );
+    describe_counter!(COMMANDS, "Commands received from clients.");
+    describe_counter!(ERRORS, "Error replies sent to clients.");
+    describe_counter!(
+        PROTOCOL_ERRORS,
+        "Client connections closed for a malformed frame."
+    );
+    describe_counter!(AUTH_FAILURES, "Failed AUTH/HELLO AUTH attempts.");
+    describe_gauge!(CLIENTS, "Client connections open now.");
+    describe_counter!(CONNECTIONS, "Client connections accepted.");
+    describe_counter!(REJECTED, "Client connections refused at maxclients.");
+    describe_gauge!(
+        UPSTREAM_CONNECTIONS,
+        "Pipelined upstream data connections open now."
+    );
+    describe_counter!(TOPOLOGY_REFRESHES, "Upstream topology refreshes.");
+    Some(handle)
+}
+
+/// Copies the current values into the registry and renders the Prometheus text.
+pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
+    let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let s = &px.stats;
+    counter!(COMMANDS).absolute(ld(&s.commands));
+    counter!(ERRORS).absolute(ld(&s.errors));
+    counter!(PROTOCOL_ERRORS).absolute(ld(&s.protocol_errors));
+    counter!(AUTH_FAILURES).absolute(ld(&s.auth_failures));
+    counter!(CONNECTIONS).absolute(ld(&s.connections));
+    counter!(REJECTED).absolute(ld(&s.rejected));
+    gauge!(CLIENTS).set(px.clients.len() as f64);
+    gauge!(UPSTREAM_CONNECTIONS).set(px.upstream.total_connections() as f64);
+    counter!(TOPOLOGY_REFRESHES).absolute(px.upstream.refreshes.load(Ordering::Relaxed));
+    if let Some(l1) = &px.l1 {
+        let st = &l1.stats;
+        counter!(CACHE_HITS, "level" => "l1").absolute(ld(&st.hits));
+        counter!(CACHE_MISSES, "level" => "l1").absolute(ld(&st.misses));
+        counter!(CACHE_HITS, "level" => "l2").absolute(ld(&st.l2_hits));
+        counter!(CACHE_MISSES, "level" => "l2").absolute(ld(&st.l2_misses));
+        gauge!(L1_ENTRIES).set(l1.entries() as f64);
+        gauge!(L1_BYTES).set(l1.weighted_bytes() as f64);
+        counter!(L1_EVICTIONS).absolute(ld(&st.evictions));
+        counter!(L1_INVALIDATIONS).absolute(ld(&st.invalidations));
+        counter!(L1_FLUSHES).absolute(ld(&st.flushes));
+        counter!(L1_FILLS_RACED).absolute(ld(&st.fills_raced));
+        counter!(L1_MERGED).absolute(ld(&st.merged));
+    }
+    handle.render()
+}
