@@ -313,7 +313,12 @@ start_tierproxy() { # name dir upstreams -> sets TP_PORT, TP_PID
     PIDS+=("$TP_PID")
     if ! wait_ping_quiet "$TP_PORT" "$TP_PID"; then
         tail -n 20 "$dir/stdout.log" "$dir/stderr.log" >&2 2>/dev/null || true
-        die "$name (127.0.0.1:$TP_PORT, upstream $ups) did not come up within ${WAIT_TIMEOUT}s"
+        if alive "$TP_PID"; then
+            die "$name (127.0.0.1:$TP_PORT, upstream $ups) did not answer PING within ${WAIT_TIMEOUT}s; its output is above"
+        fi
+        local st=0
+        wait "$TP_PID" || st=$?
+        die "$name ($TIERPROXY, upstream $ups) exited with status $st during start-up; its output is above"
     fi
     grep -q 'tierproxy listening on' "$dir/stdout.log" ||
         warn "$name answers PING but did not print 'tierproxy listening on' on stdout"
@@ -600,15 +605,20 @@ SUMMARY=$TMP/summary.md
 {
     echo "# tierproxy benchmark"
     echo
-    if [ "$QUICK" = 1 ]; then mode="QUICK (smoke run, numbers not meaningful)"; else mode=full; fi
-    [ -z "$TIERPROXY" ] && mode="$mode, SKIP_TIERPROXY=1 (no tierproxy targets)"
-    echo "Mode: $mode. redis-benchmark -c $CLIENTS -r $KEYSPACE -d $DATA_SIZE, one op per run;"
-    echo "requests per run: $N_P1 at -P 1, $N_P16 at deeper pipelines; direct-cluster:"
-    for pp in "${PLIST[@]}"; do printf '%s at -P %s; ' "${N_CLUSTER[$pp]}" "$pp"; done
-    echo "(sized to last ~${CLUSTER_RUN_SECONDS} s, see bench/README.md); $ROUNDS round(s), targets"
-    echo "interleaved in a rotating order; medians over rounds. Proxy CPU = proxy process utime+stime"
-    echo "per request; redis CPU = the backend redis-server process(es), summed."
-    [ "$FAILURES" -gt 0 ] && echo && echo "**$FAILURES run(s) failed; they are left out of the medians (see the raw CSV).**"
+    if [ "$QUICK" = 1 ]; then mode="QUICK=1 smoke run: tiny runs, the numbers are not meaningful"; else mode=full; fi
+    [ -z "$TIERPROXY" ] && mode="$mode; SKIP_TIERPROXY=1: no tierproxy targets"
+    echo "- mode: $mode"
+    echo "- load: redis-benchmark -c $CLIENTS -r $KEYSPACE -d $DATA_SIZE, one op (-t get or -t set) per run; GETs hit populated keys"
+    printf -- '- requests per run: %s at -P 1, %s at deeper pipelines; direct-cluster: ' "$N_P1" "$N_P16"
+    sep=""
+    for pp in "${PLIST[@]}"; do
+        printf '%s%s at -P %s' "$sep" "${N_CLUSTER[$pp]}" "$pp"
+        sep=", "
+    done
+    echo " (sized to last ~${CLUSTER_RUN_SECONDS} s: redis-benchmark --cluster rounds run time up to 250 ms)"
+    echo "- $ROUNDS round(s); each round runs every target once, in an order rotated from round to round; medians over rounds"
+    echo "- proxy CPU = utime+stime of the proxy process per request; redis CPU = the same for the backend redis-server process(es), summed"
+    [ "$FAILURES" -gt 0 ] && echo "- **$FAILURES run(s) failed; they are left out of the medians (see the raw CSV)**"
     echo
     echo "## Machine"
     echo
@@ -645,7 +655,7 @@ SUMMARY=$TMP/summary.md
         done
     done
     echo
-    echo "Raw per-run rows: \`$(basename "$RESULTS_DIR")/latest.csv\` (columns: $(head -1 "$RAW"))."
+    echo "Raw per-run rows: \`latest.csv\` next to this file (columns: $(head -1 "$RAW"))."
 } >"$SUMMARY"
 
 mkdir -p "$RESULTS_DIR"

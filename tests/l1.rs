@@ -529,7 +529,7 @@ fn fill_race_stress_through_two_proxies_ends_with_the_final_value() {
             }));
         }
     }
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(10));
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -708,4 +708,31 @@ fn prometheus_counts_hits_and_misses_by_level() {
     assert!(body.contains("# HELP tierproxy_l1_bytes"), "{body}");
     assert_eq!(px.admin_get("/healthz").0, 200);
     assert_eq!(px.admin_get("/readyz").0, 200);
+}
+
+#[test]
+fn ttl_coherence_is_bounded_by_max_ttl() {
+    let px = l1_proxy("coherence = \"ttl\"\nmax_ttl_ms = 500\n");
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}ttlmode", tag("ttlmode"));
+    c.cmd(&["SET", &k, "old"]);
+    c.cmd(&["GET", &k]);
+    assert!(cached(&mut c, &k));
+    let written = Instant::now();
+    assert_eq!(direct(&["SET", &k, "new"]), "OK");
+    // Without tracking the proxy cannot know yet: documented, bounded staleness…
+    let got = s(c.cmd(&["GET", &k]));
+    if written.elapsed() < Duration::from_millis(400) {
+        assert_eq!(got, "$3\r\nold\r\n", "ttl mode has no invalidation channel");
+    }
+    // …ending by max_ttl.
+    until(
+        &mut c,
+        &["GET", &k],
+        "$3\r\nnew\r\n",
+        Duration::from_millis(1500),
+    );
+    // Writes through this proxy still invalidate at once.
+    assert_eq!(s(c.cmd(&["SET", &k, "mine"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", &k])), "$4\r\nmine\r\n");
 }

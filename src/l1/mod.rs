@@ -125,6 +125,8 @@ pub struct L1 {
     hasher: std::collections::hash_map::RandomState,
     pub stats: L1Stats,
     pub max_bytes: u64,
+    /// Set when the backend cannot track keys: L1 then serves and stores nothing.
+    disabled: std::sync::atomic::AtomicBool,
     /// Reads in flight by exact request: later identical misses wait for the first.
     inflight: Mutex<HashMap<Bytes, InFlight>>,
 }
@@ -208,7 +210,20 @@ impl L1 {
             },
             max_bytes: cfg.max_bytes,
             inflight: Mutex::new(HashMap::new()),
+            disabled: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Turns L1 off for good (the backend refused tracking: caching would be incoherent).
+    pub fn disable(&self, why: &str) {
+        if !self.disabled.swap(true, Ordering::AcqRel) {
+            tracing::error!(reason = why, "L1 disabled: the upstream cannot track keys; set l1.coherence = \"ttl\" to cache without tracking");
+            self.flush("disabled");
+        }
+    }
+
+    pub fn is_disabled(&self) -> bool {
+        self.disabled.load(Ordering::Acquire)
     }
 
     /// Joins an identical read in flight, or becomes its leader. A follower may join
@@ -250,6 +265,9 @@ impl L1 {
 
     /// The cached reply to exactly this request, if any.
     pub fn get(&self, key: &[u8], sig: &[u8]) -> Option<Bytes> {
+        if self.is_disabled() {
+            return None;
+        }
         let found = self.cache.get(key).and_then(|e| {
             if e.expires_at <= Instant::now() {
                 return None;
@@ -299,7 +317,10 @@ impl L1 {
     /// Caches `reply` for `key`/`sig` if nothing invalidated the key since `token`.
     /// `pttl_ms` is the key's remaining TTL in Redis (-1: none, -2: no such key).
     pub fn fill(&self, key: Bytes, token: FillToken, sig: Bytes, reply: Bytes, pttl_ms: i64) {
-        if reply.len() > self.max_value_bytes || crate::parse::reply::is_error(&reply) {
+        if reply.len() > self.max_value_bytes
+            || crate::parse::reply::is_error(&reply)
+            || self.is_disabled()
+        {
             return;
         }
         let mut ttl = self.default_ttl.min(self.max_ttl);

@@ -317,7 +317,13 @@ async fn read_loop(
             };
             let reply = buf.split_to(n).freeze();
             if reply.first() == Some(&b'>') {
-                // Out-of-band push (RESP3); data connections do not subscribe or track.
+                // Out-of-band push (RESP3). The only one a data connection expects: its
+                // tracking redirect died, so invalidations are being lost. Closing the
+                // connection flushes L1 (on_close) and the replacement tracks afresh.
+                if reply.windows(21).any(|w| w == b"tracking-redir-broken") {
+                    tracing::warn!(upstream = %addr, "tracking-redir-broken; reconnecting");
+                    return;
+                }
                 continue;
             }
             let mut q = match queue.lock() {

@@ -141,7 +141,7 @@ impl Node {
     /// The data-connection options: tracking redirected to this node's (live)
     /// invalidation connection, and an L1 flush if the tracked connection closes.
     async fn conn_opts(&self, s: &Settings) -> Result<ConnOpts, UpstreamError> {
-        let Some(l1) = &self.tracking else {
+        let Some(l1) = self.tracking.as_ref().filter(|l| !l.is_disabled()) else {
             return Ok(ConnOpts::default());
         };
         let mut inv = self.invalidator.lock().await;
@@ -149,7 +149,7 @@ impl Node {
             Some(i) => i.id,
             None => {
                 let me = self.me.clone();
-                let fresh = crate::l1::tracking::start(
+                let started = crate::l1::tracking::start(
                     &self.addr,
                     &s.handshake,
                     s.connect_timeout,
@@ -161,7 +161,16 @@ impl Node {
                         }
                     },
                 )
-                .await?;
+                .await;
+                let fresh = match started {
+                    Ok(f) => f,
+                    // The server answered but refused (no CLIENT TRACKING, ACLs, …).
+                    Err(UpstreamError::Handshake(why)) => {
+                        l1.disable(&why);
+                        return Ok(ConnOpts::default());
+                    }
+                    Err(e) => return Err(e),
+                };
                 let id = fresh.id;
                 *inv = Some(fresh);
                 id
