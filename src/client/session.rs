@@ -123,6 +123,8 @@ pub struct Session {
     pub reply_mode: ReplyMode,
     /// Set by QUIT: reply, then close.
     pub closing: bool,
+    /// The last command run, as last published to CLIENT LIST.
+    pub last_cmd: Option<Arc<crate::parse::table::CommandInfo>>,
 }
 
 impl Session {
@@ -135,6 +137,7 @@ impl Session {
             name: None,
             reply_mode: ReplyMode::On,
             closing: false,
+            last_cmd: None,
         }
     }
 

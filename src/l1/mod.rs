@@ -118,8 +118,12 @@ pub struct L1 {
     default_ttl: Duration,
     max_ttl: Duration,
     admit_after: u32,
-    cache: Cache<Bytes, KeyEntry>,
-    reads: Cache<Bytes, Arc<AtomicU32>>,
+    cache: Cache<Bytes, KeyEntry, ahash::RandomState>,
+    /// Admission counters: (window number << 16 | reads in that window), by key hash.
+    /// A collision can only admit a key early; memory is fixed.
+    reads: Box<[AtomicU32]>,
+    admit_window_ms: u64,
+    started: Instant,
     gens: Box<[AtomicU64]>,
     epoch: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
@@ -182,11 +186,12 @@ impl L1 {
                     ev.fetch_add(1, Ordering::Relaxed);
                 }
             })
-            .build();
-        let reads = Cache::builder()
-            .max_capacity(cfg.max_entries.saturating_mul(8).max(1024))
-            .time_to_live(Duration::from_millis(cfg.admit_window_ms))
-            .build();
+            // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
+            .build_with_hasher(ahash::RandomState::new());
+        let read_slots = (cfg.max_entries.saturating_mul(4))
+            .clamp(1 << 12, 1 << 22)
+            .next_power_of_two() as usize;
+        let reads = (0..read_slots).map(|_| AtomicU32::new(0)).collect();
         L1 {
             event_channel: (!cfg.invalidation_channel.is_empty())
                 .then(|| Bytes::from(cfg.invalidation_channel.clone())),
@@ -201,6 +206,8 @@ impl L1 {
             admit_after: cfg.admit_after_reads.max(1),
             cache,
             reads,
+            admit_window_ms: cfg.admit_window_ms.max(1),
+            started: Instant::now(),
             gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
             hasher: Default::default(),
@@ -264,7 +271,7 @@ impl L1 {
     }
 
     /// The cached reply to exactly this request, if any.
-    pub fn get(&self, key: &[u8], sig: &[u8]) -> Option<Bytes> {
+    pub fn get(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Bytes> {
         if self.is_disabled() {
             return None;
         }
@@ -274,7 +281,7 @@ impl L1 {
             }
             e.replies
                 .iter()
-                .find(|(s, _)| s.as_ref() == sig)
+                .find(|(s, _)| matches(s))
                 .map(|(_, r)| r.clone())
         });
         let counter = if found.is_some() {
@@ -291,12 +298,24 @@ impl L1 {
         if self.admit_after <= 1 {
             return true;
         }
-        let n = self
-            .reads
-            .get_with(key.clone(), || Arc::new(AtomicU32::new(0)))
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
-        n >= self.admit_after
+        let window =
+            ((self.started.elapsed().as_millis() as u64 / self.admit_window_ms) & 0xFFFF) as u32;
+        let mut h = self.hasher.build_hasher();
+        h.write(key);
+        let slot = &self.reads[(h.finish() as usize) & (self.reads.len() - 1)];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let count = if cur >> 16 == window {
+                ((cur & 0xFFFF) + 1).min(0xFFFF)
+            } else {
+                1
+            };
+            let next = (window << 16) | count;
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return count >= self.admit_after,
+                Err(actual) => cur = actual,
+            }
+        }
     }
 
     /// Taken before a read is sent upstream.

@@ -38,9 +38,11 @@ pub struct Limits {
 }
 
 enum Frame {
-    /// Argument ranges into the batch, plus the frame's own range.
+    /// `nargs` argument ranges from `first` in the batch's range list, and the frame's
+    /// own range (one scratch list per batch: no allocation per command).
     Multi {
-        args: Vec<(usize, usize)>,
+        first: usize,
+        nargs: usize,
         start: usize,
         end: usize,
     },
@@ -59,23 +61,20 @@ pub fn parse_batch(
     out: &mut Vec<Request>,
 ) -> Result<(), ProtocolError> {
     let mut frames = Vec::new();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
     let mut pos = 0usize;
     let mut result = Ok(());
     while frames.len() < max && pos < buf.len() {
-        match parse_one(&buf[pos..], limits) {
+        let mark = ranges.len();
+        match parse_one(&buf[pos..], limits, pos, &mut ranges) {
             Ok(Some((frame, used))) => {
-                let frame = match frame {
-                    Frame::Multi { args, start, end } => Frame::Multi {
-                        args: args.into_iter().map(|(s, e)| (s + pos, e + pos)).collect(),
-                        start: start + pos,
-                        end: end + pos,
-                    },
-                    other => other,
-                };
                 frames.push(frame);
                 pos += used;
             }
-            Ok(None) => break,
+            Ok(None) => {
+                ranges.truncate(mark);
+                break;
+            }
             Err(e) => {
                 result = Err(e);
                 break;
@@ -91,8 +90,16 @@ pub fn parse_batch(
         let batch = buf.split_to(pos).freeze();
         for frame in frames {
             match frame {
-                Frame::Multi { args, start, end } => out.push(Request {
-                    args: args.iter().map(|&(s, e)| batch.slice(s..e)).collect(),
+                Frame::Multi {
+                    first,
+                    nargs,
+                    start,
+                    end,
+                } => out.push(Request {
+                    args: ranges[first..first + nargs]
+                        .iter()
+                        .map(|&(s, e)| batch.slice(s..e))
+                        .collect(),
                     raw: batch.slice(start..end),
                 }),
                 Frame::Inline(args) => out.push(Request::from_args(args)),
@@ -137,7 +144,14 @@ fn parse_ll(s: &[u8]) -> Option<i64> {
     Some(v)
 }
 
-fn parse_one(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, ProtocolError> {
+/// Parses one request at the start of `buf` (which starts at `base` in the batch),
+/// appending its argument ranges, relative to the batch, to `ranges`.
+fn parse_one(
+    buf: &[u8],
+    limits: Limits,
+    base: usize,
+    ranges: &mut Vec<(usize, usize)>,
+) -> Result<Option<(Frame, usize)>, ProtocolError> {
     if buf[0] != b'*' {
         return parse_inline(buf);
     }
@@ -162,7 +176,7 @@ fn parse_one(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, Proto
     if count <= 0 {
         return Ok(Some((Frame::Empty, pos)));
     }
-    let mut args = Vec::with_capacity((count as usize).min(1024));
+    let first = ranges.len();
     for _ in 0..count {
         if pos >= buf.len() {
             return Ok(None);
@@ -196,14 +210,15 @@ fn parse_one(buf: &[u8], limits: Limits) -> Result<Option<(Frame, usize)>, Proto
         if end + 2 > buf.len() {
             return Ok(None);
         }
-        args.push((start, end));
+        ranges.push((base + start, base + end));
         pos = end + 2;
     }
     Ok(Some((
         Frame::Multi {
-            args,
-            start: 0,
-            end: pos,
+            first,
+            nargs: count as usize,
+            start: base,
+            end: base + pos,
         },
         pos,
     )))

@@ -201,7 +201,7 @@ impl CommandInfo {
 /// All commands the backend knows, by lower-case name.
 #[derive(Debug, Default)]
 pub struct CommandTable {
-    commands: HashMap<Vec<u8>, Arc<CommandInfo>>,
+    commands: HashMap<Vec<u8>, Arc<CommandInfo>, ahash::RandomState>,
     /// The raw `COMMAND COUNT` for local answers.
     pub count: usize,
 }
@@ -215,7 +215,7 @@ impl CommandTable {
         let F::Array(entries) = frame else {
             return Err(format!("COMMAND reply is not an array: {frame:?}"));
         };
-        let mut commands = HashMap::new();
+        let mut commands = HashMap::with_hasher(ahash::RandomState::new());
         for e in &entries {
             if let Some(info) = parse_entry(e) {
                 commands.insert(info.name.as_bytes().to_vec(), Arc::new(info));
@@ -230,8 +230,12 @@ impl CommandTable {
 
     /// Looks up the command (and, for containers like CONFIG, its subcommand).
     pub fn lookup(&self, args: &[Bytes]) -> Lookup {
-        let name = lower(&args[0]);
-        let Some(cmd) = self.commands.get(&name) else {
+        self.lookup_lowered(&Lowered::new(&args[0]), args)
+    }
+
+    /// As [`CommandTable::lookup`], with the command name already lower-cased.
+    pub fn lookup_lowered(&self, name: &Lowered, args: &[Bytes]) -> Lookup {
+        let Some(cmd) = self.commands.get(name.as_bytes()) else {
             return Lookup::Unknown;
         };
         if cmd.subcommands.is_empty() {
@@ -263,6 +267,33 @@ pub enum Lookup {
 
 pub fn lower(b: &[u8]) -> Vec<u8> {
     b.to_ascii_lowercase()
+}
+
+/// A lower-cased command name without a heap allocation for the usual short names.
+pub enum Lowered {
+    Inline([u8; 32], usize),
+    Heap(Vec<u8>),
+}
+
+impl Lowered {
+    pub fn new(b: &[u8]) -> Lowered {
+        if b.len() <= 32 {
+            let mut buf = [0u8; 32];
+            for (d, s) in buf.iter_mut().zip(b) {
+                *d = s.to_ascii_lowercase();
+            }
+            Lowered::Inline(buf, b.len())
+        } else {
+            Lowered::Heap(lower(b))
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Lowered::Inline(buf, n) => &buf[..*n],
+            Lowered::Heap(v) => v,
+        }
+    }
 }
 
 fn as_bytes(f: &F) -> Option<&[u8]> {

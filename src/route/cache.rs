@@ -62,6 +62,52 @@ pub fn cacheable(name: &str) -> bool {
     )
 }
 
+/// Whether a stored signature is that of this request, without building one: the hit
+/// path allocates nothing.
+fn signature_matches(sig: &[u8], proto: Proto, args: &[Bytes]) -> bool {
+    let Some((&v, mut rest)) = sig.split_first() else {
+        return false;
+    };
+    if v != proto.version() as u8 {
+        return false;
+    }
+    let mut header = itoa::Buffer::new();
+    let count = header.format(args.len());
+    let Some(r) = rest
+        .strip_prefix(b"*")
+        .and_then(|r| r.strip_prefix(count.as_bytes()))
+    else {
+        return false;
+    };
+    rest = r;
+    for (i, a) in args.iter().enumerate() {
+        let Some(r) = rest.strip_prefix(b"\r\n$") else {
+            return false;
+        };
+        let mut len = itoa::Buffer::new();
+        let Some(r) = r.strip_prefix(len.format(a.len()).as_bytes()) else {
+            return false;
+        };
+        let Some(r) = r.strip_prefix(b"\r\n") else {
+            return false;
+        };
+        if r.len() < a.len() {
+            return false;
+        }
+        let (body, r) = r.split_at(a.len());
+        let same = if i == 0 {
+            body.eq_ignore_ascii_case(a)
+        } else {
+            body == &a[..]
+        };
+        if !same {
+            return false;
+        }
+        rest = r;
+    }
+    rest == b"\r\n"
+}
+
 /// The cache key of a request within its key's entry: protocol version and the command
 /// with its name lower-cased, so `GET k`, `get k` and an MGET of `k` share one reply.
 fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
@@ -79,9 +125,8 @@ fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
 pub async fn mget(px: &Arc<Proxy>, sess: &Session, l1: &Arc<L1>, keys: Vec<Bytes>) -> Pending {
     let mut parts = Vec::with_capacity(keys.len());
     for key in keys {
-        let target = Target::Slot(crate::upstream::key_slot(&key));
         let req = Request::from_args(vec![Bytes::from_static(b"GET"), key.clone()]);
-        parts.push(read(px, sess, l1, key, target, req).await);
+        parts.push(read(px, sess, l1, key, req).await);
     }
     let px = px.clone();
     let proto = sess.proto;
@@ -110,15 +155,15 @@ pub async fn read(
     sess: &Session,
     l1: &Arc<L1>,
     key: Bytes,
-    target: Target,
     req: Request,
 ) -> Pending {
     let proto = sess.proto;
     let hint = sess.hint();
-    let sig = signature(proto, &req.args);
-    if let Some(reply) = l1.get(&key, &sig) {
+    if let Some(reply) = l1.get(&key, |s| signature_matches(s, proto, &req.args)) {
         return Pending::Ready(Value::Raw(reply));
     }
+    let target = Target::Slot(crate::upstream::key_slot(&key));
+    let sig = signature(proto, &req.args);
     if !l1.admit(&key) {
         let ticket = px.upstream.start(target, req.raw, proto, hint).await;
         let (px, l1) = (px.clone(), l1.clone());
@@ -213,5 +258,46 @@ pub fn after_write(
         Pending::Blocking(Box::pin(fut))
     } else {
         Pending::Later(Box::pin(fut))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<Bytes> {
+        v.iter()
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn signature_matching_agrees_with_building() {
+        let sig = signature(Proto::Resp2, &args(&["GET", "k"]));
+        assert!(signature_matches(&sig, Proto::Resp2, &args(&["get", "k"])));
+        assert!(signature_matches(&sig, Proto::Resp2, &args(&["GeT", "k"])));
+        assert!(!signature_matches(&sig, Proto::Resp3, &args(&["GET", "k"])));
+        assert!(!signature_matches(&sig, Proto::Resp2, &args(&["GET", "K"])));
+        assert!(!signature_matches(
+            &sig,
+            Proto::Resp2,
+            &args(&["GET", "k", "x"])
+        ));
+        assert!(!signature_matches(
+            &sig,
+            Proto::Resp2,
+            &args(&["GET", "kk"])
+        ));
+        let h = signature(Proto::Resp3, &args(&["HGET", "h", "f"]));
+        assert!(signature_matches(
+            &h,
+            Proto::Resp3,
+            &args(&["hget", "h", "f"])
+        ));
+        assert!(!signature_matches(
+            &h,
+            Proto::Resp3,
+            &args(&["hget", "h", "g"])
+        ));
     }
 }

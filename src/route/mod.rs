@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crate::client::session::Session;
 use crate::error::Error;
 use crate::parse::request::Request;
-use crate::parse::table::{lower, Lookup, Policy};
+use crate::parse::table::{Lookup, Lowered, Policy};
 use crate::respond::{Proto, Value};
 use crate::upstream::{key_slot, Mode, Target, Ticket};
 use crate::Proxy;
@@ -68,13 +68,14 @@ fn allowed_before_auth(name: &[u8]) -> bool {
 }
 
 pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pending {
-    let name = lower(&req.args[0]);
+    let lowered = Lowered::new(&req.args[0]);
+    let name = lowered.as_bytes();
     px.stats
         .commands
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
     // Connection-level commands work even before the upstream is known.
-    if let Some(p) = local::handle_early(px, sess, &name, &req) {
+    if let Some(p) = local::handle_early(px, sess, name, &req) {
         return p;
     }
     let Some(table) = px.upstream.table() else {
@@ -85,7 +86,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         }
         return Pending::error(Error::NoTopology(px.upstream.last_error()));
     };
-    let info = match table.lookup(&req.args) {
+    let info = match table.lookup_lowered(&lowered, &req.args) {
         Lookup::Found(info) => info,
         Lookup::UnknownSub(container) => {
             return Pending::error(Error::unknown_subcommand(&req.args[1], &container.name));
@@ -97,14 +98,18 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     if !info.arity_ok(req.args.len()) {
         return Pending::error(Error::arity(&info.name));
     }
-    if !sess.authenticated && !allowed_before_auth(&name) {
+    if !sess.authenticated && !allowed_before_auth(name) {
         return Pending::error(Error::noauth());
     }
-    sess.update_meta(|m| {
-        if m.last_cmd != info.name {
-            m.last_cmd = info.name.clone();
-        }
-    });
+    // CLIENT LIST's cmd= field: the shared record is touched only when it changes.
+    if !sess
+        .last_cmd
+        .as_ref()
+        .is_some_and(|c| Arc::ptr_eq(c, &info))
+    {
+        sess.update_meta(|m| m.last_cmd = info.name.clone());
+        sess.last_cmd = Some(info.clone());
+    }
 
     if let Some(l1) = px.l1.clone() {
         if info.may_write() {
@@ -132,9 +137,8 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
                 return cache::mget(px, sess, &l1, keys).await;
             }
             if let [k] = keys[..] {
-                let target = Target::Slot(key_slot(&req.args[k]));
                 let key = req.args[k].clone();
-                return cache::read(px, sess, &l1, key, target, req).await;
+                return cache::read(px, sess, &l1, key, req).await;
             }
         }
     }
