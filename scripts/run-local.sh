@@ -72,7 +72,9 @@ else
     cargo build --quiet
     BIN=$ROOT/target/debug/tierproxy
 fi
-"$BIN" --listen "$LISTEN" --upstream "127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]}" "$@" &
+# The embedded default spill store: values over 512 KiB go to ./data/spill.
+CACHE_L3_ENABLED=${CACHE_L3_ENABLED:-true} CACHE_L3_DIR=${CACHE_L3_DIR:-$DATA/spill} \
+    "$BIN" --listen "$LISTEN" --upstream "127.0.0.1:${PORTS[0]},127.0.0.1:${PORTS[1]}" "$@" &
 PIDS+=($!)
 echo "run-local: try: redis-cli -p ${LISTEN##*:} ping   (Ctrl-C to stop)" >&2
 wait "${PIDS[-1]}"

@@ -29,6 +29,11 @@ pub const DEFAULT_L1_MAX_VALUE_BYTES: u64 = 1024 * 1024;
 pub const DEFAULT_L1_TTL_MS: u64 = 5 * 60 * 1000;
 pub const DEFAULT_L1_ADMIT_AFTER_READS: u32 = 2;
 pub const DEFAULT_L1_ADMIT_WINDOW_MS: u64 = 10_000;
+pub const DEFAULT_L3_THRESHOLD_BYTES: u64 = 512 * 1024;
+pub const DEFAULT_L3_DIR: &str = "./data/spill";
+pub const DEFAULT_L3_PREFIX: &str = "tierproxy/";
+pub const DEFAULT_L3_ZSTD_LEVEL: i32 = 3;
+pub const DEFAULT_L3_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -43,7 +48,44 @@ pub struct Config {
     pub client: ClientConfig,
     pub auth: AuthConfig,
     pub l1: L1Config,
+    pub l3: L3Config,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct L3Config {
+    /// Spill string values over the threshold to the store.   env CACHE_L3_ENABLED
+    pub enabled: bool,
+    /// Values longer than this are spilled.                    env CACHE_L3_THRESHOLD_BYTES
+    pub threshold_bytes: u64,
+    /// The local-directory store.                              env CACHE_L3_DIR
+    pub dir: String,
+    /// S3 bucket (the S3 store is not implemented yet).        env CACHE_L3_BUCKET
+    pub bucket: String,
+    /// Object name prefix.                                     env CACHE_L3_PREFIX
+    pub prefix: String,
+    /// HMAC key for stubs; empty with the local store: generated and kept in `dir`.
+    ///                                                         env CACHE_L3_SIGNING_KEY
+    pub signing_key: String,
+    pub zstd_level: i32,
+    /// Every store call fails after this long.
+    pub timeout_ms: u64,
+}
+
+impl Default for L3Config {
+    fn default() -> Self {
+        L3Config {
+            enabled: false,
+            threshold_bytes: DEFAULT_L3_THRESHOLD_BYTES,
+            dir: DEFAULT_L3_DIR.into(),
+            bucket: String::new(),
+            prefix: DEFAULT_L3_PREFIX.into(),
+            signing_key: String::new(),
+            zstd_level: DEFAULT_L3_ZSTD_LEVEL,
+            timeout_ms: DEFAULT_L3_TIMEOUT_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +127,14 @@ impl Default for L1Config {
             coherence: "tracking".into(),
             invalidation_channel: "cache:invalidate".into(),
         }
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -167,6 +217,7 @@ impl Default for Config {
             client: ClientConfig::default(),
             auth: AuthConfig::default(),
             l1: L1Config::default(),
+            l3: L3Config::default(),
             log: LogConfig::default(),
         }
     }
@@ -345,15 +396,11 @@ impl Config {
             self.auth.password = Some(v);
         }
         if let Some(v) = get("CACHE_L1_ENABLED") {
-            self.l1.enabled = match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(StartError::Config(format!(
-                        "CACHE_L1_ENABLED (l1.enabled): {v:?} is not a boolean"
-                    )))
-                }
-            };
+            self.l1.enabled = parse_bool(&v).ok_or_else(|| {
+                StartError::Config(format!(
+                    "CACHE_L1_ENABLED (l1.enabled): {v:?} is not a boolean"
+                ))
+            })?;
         }
         if let Some(v) = get("CACHE_L1_MAX_SIZE") {
             self.l1.max_entries = v.trim().parse().map_err(|_| {
@@ -368,6 +415,32 @@ impl Config {
                     "CACHE_L1_DEFAULT_TTL (l1.default_ttl_ms): {v:?} is not a duration like 300s or 5m"
                 ))
             })?;
+        }
+        if let Some(v) = get("CACHE_L3_ENABLED") {
+            self.l3.enabled = parse_bool(&v).ok_or_else(|| {
+                StartError::Config(format!(
+                    "CACHE_L3_ENABLED (l3.enabled): {v:?} is not a boolean"
+                ))
+            })?;
+        }
+        if let Some(v) = get("CACHE_L3_THRESHOLD_BYTES") {
+            self.l3.threshold_bytes = v.trim().parse().map_err(|_| {
+                StartError::Config(format!(
+                    "CACHE_L3_THRESHOLD_BYTES (l3.threshold_bytes): {v:?} is not a number"
+                ))
+            })?;
+        }
+        if let Some(v) = get("CACHE_L3_DIR") {
+            self.l3.dir = v;
+        }
+        if let Some(v) = get("CACHE_L3_BUCKET") {
+            self.l3.bucket = v;
+        }
+        if let Some(v) = get("CACHE_L3_PREFIX") {
+            self.l3.prefix = v;
+        }
+        if let Some(v) = get("CACHE_L3_SIGNING_KEY") {
+            self.l3.signing_key = v;
         }
         if let Some(v) = get("TIERPROXY_MAXCLIENTS") {
             self.client.maxclients = v.parse().map_err(|_| {
@@ -466,6 +539,30 @@ impl Config {
                 "l1.coherence",
                 format!("{:?}: must be \"tracking\" or \"ttl\"", l1.coherence),
             );
+        }
+        let l3 = &self.l3;
+        if l3.enabled {
+            if !l3.bucket.is_empty() {
+                return bad(
+                    "l3.bucket",
+                    "the S3 store is not implemented yet; use the local store (l3.dir)".into(),
+                );
+            }
+            if l3.dir.is_empty() {
+                return bad("l3.dir", "must not be empty".into());
+            }
+        }
+        if l3.threshold_bytes < 1024 {
+            return bad("l3.threshold_bytes", "must be at least 1024".into());
+        }
+        if !(1..=22).contains(&l3.zstd_level) {
+            return bad("l3.zstd_level", "must be 1..=22".into());
+        }
+        if l3.timeout_ms == 0 {
+            return bad("l3.timeout_ms", "must be greater than 0".into());
+        }
+        if l3.prefix.starts_with('/') || l3.prefix.contains("..") {
+            return bad("l3.prefix", "must be a relative name without '..'".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod parse;
 pub mod respond;
 pub mod route;
+pub mod spill;
 pub mod upstream;
 
 use std::future::Future;
@@ -76,6 +77,8 @@ pub struct Proxy {
     pub upstream: Arc<upstream::Upstream>,
     /// The hot-key cache, when `l1.enabled`.
     pub l1: Option<Arc<l1::L1>>,
+    /// The large-value spill, when `l3.enabled`.
+    pub spill: Option<Arc<spill::Spill>>,
     pub clients: client::session::Registry,
     pub auth: client::auth::Auth,
     pub stats: Stats,
@@ -114,9 +117,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
 
     let l1 = cfg.l1.enabled.then(|| Arc::new(l1::L1::new(&cfg.l1)));
+    let spill = match cfg.l3.enabled {
+        true => Some(Arc::new(spill::Spill::new(&cfg.l3)?)),
+        false => None,
+    };
     let upstream = upstream::Upstream::new(&cfg, l1.clone());
     let px = Arc::new(Proxy {
         l1,
+        spill,
         auth: client::auth::Auth::new(&cfg.auth),
         upstream: upstream.clone(),
         clients: Default::default(),

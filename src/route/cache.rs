@@ -168,7 +168,7 @@ pub async fn read(
         let ticket = px.upstream.start(target, req.raw, proto, hint).await;
         let (px, l1) = (px.clone(), l1.clone());
         return Pending::Later(Box::pin(async move {
-            match px.upstream.finish(ticket).await {
+            match unspill(&px, px.upstream.finish(ticket).await).await {
                 Ok(reply) => {
                     count_l2(&l1, &reply);
                     Value::Raw(reply)
@@ -184,10 +184,14 @@ pub async fn read(
                 match rx.await {
                     Ok(reply) => Value::Raw(reply),
                     // The leader gave up (its client left, or it failed): read ourselves.
-                    Err(_) => match px.upstream.call(target, req.raw, proto, hint).await {
-                        Ok(raw) => Value::Raw(raw),
-                        Err(e) => e.to_reply(),
-                    },
+                    Err(_) => {
+                        match unspill(&px, px.upstream.call(target, req.raw, proto, hint).await)
+                            .await
+                        {
+                            Ok(raw) => Value::Raw(raw),
+                            Err(e) => e.to_reply(),
+                        }
+                    }
                 }
             }))
         }
@@ -202,7 +206,7 @@ pub async fn read(
             let px = px.clone();
             let l1 = l1.clone();
             Pending::Later(Box::pin(async move {
-                let reply = px.upstream.finish(value).await;
+                let reply = unspill(&px, px.upstream.finish(value).await).await;
                 let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
                 match reply {
                     Ok(reply) => {
@@ -217,6 +221,17 @@ pub async fn read(
                 }
             }))
         }
+    }
+}
+
+/// A reply from Redis with any spill stub in it resolved (before it is cached).
+async fn unspill(
+    px: &Proxy,
+    reply: Result<Bytes, crate::error::Error>,
+) -> Result<Bytes, crate::error::Error> {
+    match (reply, px.spill.as_ref()) {
+        (Ok(raw), Some(spill)) => super::spill::resolve_reply(spill, raw).await,
+        (r, _) => r,
     }
 }
 

@@ -9,6 +9,7 @@ mod cache;
 mod keyspace;
 mod local;
 mod multi;
+mod spill;
 mod tags;
 
 use std::future::Future;
@@ -111,6 +112,62 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         sess.last_cmd = Some(info.clone());
     }
 
+    let Some(spill) = px.spill.clone() else {
+        return with_l1(px, sess, &info, req).await;
+    };
+    let name = info.name.clone();
+    if matches!(
+        name.as_str(),
+        "strlen" | "getrange" | "substr" | "append" | "setrange"
+    ) {
+        let keys = vec![req.args[1].clone()];
+        if let Some(l1) = &px.l1 {
+            l1.invalidate(&keys[0]);
+        }
+        let p = spill::string_op(px, sess.proto, sess.hint(), &name, req).await;
+        return match (&px.l1, info.may_write()) {
+            (Some(l1), true) => cache::after_write(px, l1, keys, false, p),
+            _ => p,
+        };
+    }
+    if !spill::value_positions(&name, req.args.len()).is_empty() {
+        let original_args = req.args.clone();
+        let (req, objects) = match spill::prepare_write(&spill, &name, req).await {
+            Ok(r) => r,
+            Err(e) => return Pending::error(e),
+        };
+        let proto = sess.proto;
+        let p = with_l1(px, sess, &info, req).await;
+        return spill::finish_write(px, name, original_args, objects, proto, p);
+    }
+    let (p, resolved) = with_l1_resolving(px, sess, &info, req).await;
+    if spill::returns_values(&name) && !resolved {
+        return spill::resolving(px, sess.proto, p);
+    }
+    p
+}
+
+/// The L1 layer, then policy routing; whether the L1 read path already resolved spill
+/// stubs (it must, before it caches a reply).
+async fn with_l1_resolving(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    info: &Arc<crate::parse::table::CommandInfo>,
+    req: Request,
+) -> (Pending, bool) {
+    let via_cache = px.l1.is_some()
+        && !info.may_write()
+        && cache::cacheable(&info.name)
+        && info.policy != Policy::Local;
+    (with_l1(px, sess, info, req).await, via_cache)
+}
+
+async fn with_l1(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    info: &Arc<crate::parse::table::CommandInfo>,
+    req: Request,
+) -> Pending {
     if let Some(l1) = px.l1.clone() {
         if info.may_write() {
             let keys: Vec<Bytes> = info
@@ -126,7 +183,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
             if flush {
                 l1.flush("FLUSHALL/FLUSHDB through the proxy");
             }
-            let p = by_policy(px, sess, &info, req).await;
+            let p = by_policy(px, sess, info, req).await;
             // …and after the acknowledgement, for reads that were already in flight.
             return cache::after_write(px, &l1, keys, flush, p);
         }
@@ -142,7 +199,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
             }
         }
     }
-    by_policy(px, sess, &info, req).await
+    by_policy(px, sess, info, req).await
 }
 
 /// Routes by the command's policy (see [`Policy`]).

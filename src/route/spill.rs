@@ -1,0 +1,307 @@
+//! The L3 side of the request path: large values leave for the spill store before their
+//! write goes upstream, and replies that carry stubs are resolved before they go out.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::Pending;
+use crate::error::Error;
+use crate::parse::reply::{as_int, as_str, is_error, split_aggregate};
+use crate::parse::request::Request;
+use crate::respond::{command_bytes, Proto, Value};
+use crate::spill::stub::{self, MAX_OBJECT_STUB};
+use crate::spill::Spill;
+use crate::upstream::{key_slot, Target};
+use crate::Proxy;
+
+/// Argument positions of the values a string write stores.
+pub fn value_positions(name: &str, argc: usize) -> Vec<usize> {
+    match name {
+        "set" | "setnx" | "getset" if argc >= 3 => vec![2],
+        "setex" | "psetex" if argc == 4 => vec![3],
+        "mset" | "msetnx" => (2..argc).step_by(2).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Replies that carry values (bulk strings, or arrays of them) which may be stubs.
+pub fn returns_values(name: &str) -> bool {
+    matches!(name, "get" | "getex" | "getdel" | "getset" | "mget" | "set")
+}
+
+/// What a write's reply says about whether Redis stored our stubs.
+fn certainly_not_written(name: &str, args: &[Bytes], reply: &[u8]) -> bool {
+    if is_error(reply) {
+        return true;
+    }
+    let nil = matches!(reply, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n");
+    match name {
+        // SET … GET answers the old value (or nil) whether or not NX/XX let it write:
+        // that case is left to the sweeper.
+        "set" => nil && !args.iter().any(|a| a.eq_ignore_ascii_case(b"GET")),
+        "setnx" | "msetnx" => as_int(reply) == Some(0),
+        _ => false,
+    }
+}
+
+/// Stores the request's large (or stub-looking) values and returns the request to send,
+/// with stubs in their place, and the names of the objects it refers to.
+pub async fn prepare_write(
+    spill: &Spill,
+    name: &str,
+    req: Request,
+) -> Result<(Request, Vec<String>), Error> {
+    let positions = value_positions(name, req.args.len());
+    if !positions.iter().any(|&i| spill.must_wrap(&req.args[i])) {
+        return Ok((req, Vec::new()));
+    }
+    let mut args = req.args;
+    let mut objects = Vec::new();
+    for i in positions {
+        if !spill.must_wrap(&args[i]) {
+            continue;
+        }
+        match spill.wrap(args[i].clone()).await {
+            Ok((stub, obj)) => {
+                args[i] = stub;
+                objects.extend(obj);
+            }
+            Err(e) => {
+                // Redis is untouched; objects already stored for this command go.
+                for o in &objects {
+                    spill.discard(o).await;
+                }
+                return Err(Error::proxy(e.to_string()));
+            }
+        }
+    }
+    Ok((Request::from_args(args), objects))
+}
+
+/// After a spilled write: discard the objects if Redis did not store them, and resolve
+/// an old value in the reply (SET … GET, GETSET).
+pub fn finish_write(
+    px: &Arc<Proxy>,
+    name: String,
+    args: Vec<Bytes>,
+    objects: Vec<String>,
+    proto: Proto,
+    p: Pending,
+) -> Pending {
+    let px = px.clone();
+    Pending::Later(Box::pin(async move {
+        let v = p.resolve(&px).await;
+        let raw = v.to_bytes(proto);
+        let Some(spill) = px.spill.as_ref() else {
+            return Value::Raw(raw);
+        };
+        if certainly_not_written(&name, &args, &raw) {
+            for o in &objects {
+                spill.discard(o).await;
+            }
+        }
+        match resolve_reply(spill, raw).await {
+            Ok(b) => Value::Raw(b),
+            Err(e) => e.to_reply(),
+        }
+    }))
+}
+
+/// Resolves any stub in a bulk reply, or in the elements of an array reply.
+pub async fn resolve_reply(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
+    match raw.first() {
+        Some(b'$') => resolve_bulk(spill, raw).await,
+        Some(b'*') => {
+            let Some(items) = split_aggregate(&raw) else {
+                return Ok(raw);
+            };
+            if !items.iter().any(|i| as_str(i).is_some_and(stub::is_stub)) {
+                return Ok(raw);
+            }
+            let mut out = BytesMut::with_capacity(raw.len());
+            out.put_slice(format!("*{}\r\n", items.len()).as_bytes());
+            for i in items {
+                out.put_slice(&resolve_bulk(spill, i).await?);
+            }
+            Ok(out.freeze())
+        }
+        _ => Ok(raw),
+    }
+}
+
+async fn resolve_bulk(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
+    let Some(payload) = as_str(&raw) else {
+        return Ok(raw);
+    };
+    if !stub::is_stub(payload) {
+        return Ok(raw);
+    }
+    let start = payload.as_ptr() as usize - raw.as_ptr() as usize;
+    let value = raw.slice(start..start + payload.len());
+    let resolved = spill
+        .resolve(value)
+        .await
+        .map_err(|e| Error::proxy(e.to_string()))?;
+    Ok(Value::Bulk(resolved).to_bytes(Proto::Resp2))
+}
+
+/// Wraps a read whose reply may carry stubs.
+pub fn resolving(px: &Arc<Proxy>, proto: Proto, p: Pending) -> Pending {
+    let px = px.clone();
+    Pending::Later(Box::pin(async move {
+        let raw = p.resolve(&px).await.to_bytes(proto);
+        match px.spill.as_ref() {
+            Some(spill) => match resolve_reply(spill, raw).await {
+                Ok(b) => Value::Raw(b),
+                Err(e) => e.to_reply(),
+            },
+            None => Value::Raw(raw),
+        }
+    }))
+}
+
+/// STRLEN, GETRANGE, SUBSTR, APPEND, SETRANGE on a key that may hold a stub. The key's
+/// first bytes tell: STRLEN of a stub comes from the stub (no store read); a range is
+/// cut from the resolved value; APPEND/SETRANGE on a spilled value are refused rather
+/// than corrupting the stub.
+pub async fn string_op(
+    px: &Arc<Proxy>,
+    proto: Proto,
+    hint: usize,
+    name: &str,
+    req: Request,
+) -> Pending {
+    let key = req.args[1].clone();
+    let target = Target::Slot(key_slot(&key));
+    let probe = command_bytes(&[
+        &b"GETRANGE"[..],
+        &key,
+        b"0",
+        (MAX_OBJECT_STUB - 1).to_string().as_bytes(),
+    ]);
+    let probe_t = px
+        .upstream
+        .start(target.clone(), probe, Proto::Resp2, hint)
+        .await;
+    let px = px.clone();
+    let name = name.to_string();
+    Pending::Later(Box::pin(async move {
+        let r = async {
+            let head = px.upstream.finish(probe_t).await?;
+            let spill = px
+                .spill
+                .as_ref()
+                .ok_or_else(|| Error::proxy("spill disabled"))?;
+            let head_val = as_str(&head)
+                .map(Bytes::copy_from_slice)
+                .unwrap_or_default();
+            if !stub::is_stub(&head_val) {
+                // Not spilled: the command runs as sent (the probe changed nothing).
+                return px
+                    .upstream
+                    .call(target, req.raw, proto, hint)
+                    .await
+                    .map(Value::Raw);
+            }
+            match name.as_str() {
+                "append" | "setrange" => Err(Error::proxy(format!(
+                    "{} on a spilled value is not supported yet",
+                    name.to_ascii_uppercase()
+                ))),
+                "strlen" => {
+                    // An object stub fits in the probe; a long inline envelope does not.
+                    let parsed = match spill.parse(&head_val) {
+                        Some(Ok(s)) => s,
+                        _ => {
+                            let full = px
+                                .upstream
+                                .call(
+                                    target,
+                                    command_bytes(&[&b"GET"[..], &key]),
+                                    Proto::Resp2,
+                                    hint,
+                                )
+                                .await?;
+                            let v = as_str(&full)
+                                .map(Bytes::copy_from_slice)
+                                .unwrap_or_default();
+                            match spill.parse(&v) {
+                                Some(Ok(s)) => s,
+                                Some(Err(e)) => return Err(Error::proxy(e.to_string())),
+                                None => return Ok(Value::Int(v.len() as i64)),
+                            }
+                        }
+                    };
+                    Ok(Value::Int(parsed.original_len as i64))
+                }
+                _ => {
+                    // GETRANGE / SUBSTR key start end on the resolved value.
+                    let full = px
+                        .upstream
+                        .call(
+                            target,
+                            command_bytes(&[&b"GET"[..], &key]),
+                            Proto::Resp2,
+                            hint,
+                        )
+                        .await?;
+                    let v = as_str(&full)
+                        .map(Bytes::copy_from_slice)
+                        .unwrap_or_default();
+                    let value = spill
+                        .resolve(v)
+                        .await
+                        .map_err(|e| Error::proxy(e.to_string()))?;
+                    let int = |b: &Bytes| {
+                        std::str::from_utf8(b)
+                            .ok()
+                            .and_then(|s| s.parse::<i64>().ok())
+                    };
+                    let (Some(start), Some(end)) = (int(&req.args[2]), int(&req.args[3])) else {
+                        return Err(Error::redis("ERR value is not an integer or out of range"));
+                    };
+                    Ok(Value::Bulk(range(&value, start, end)))
+                }
+            }
+        }
+        .await;
+        r.unwrap_or_else(|e| e.to_reply())
+    }))
+}
+
+/// Redis's GETRANGE arithmetic.
+fn range(v: &Bytes, start: i64, end: i64) -> Bytes {
+    let len = v.len() as i64;
+    if len == 0 || (start < 0 && end < 0 && start > end) {
+        return Bytes::new();
+    }
+    let mut s = if start < 0 { len + start } else { start };
+    let mut e = if end < 0 { len + end } else { end };
+    s = s.max(0);
+    e = e.max(0);
+    if e >= len {
+        e = len - 1;
+    }
+    if s > e || len == 0 {
+        return Bytes::new();
+    }
+    v.slice(s as usize..=e as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range;
+    use bytes::Bytes;
+
+    #[test]
+    fn getrange_arithmetic() {
+        let v = Bytes::from_static(b"This is a string");
+        assert_eq!(&range(&v, 0, 3)[..], b"This");
+        assert_eq!(&range(&v, -3, -1)[..], b"ing");
+        assert_eq!(&range(&v, 0, -1)[..], &v[..]);
+        assert_eq!(&range(&v, 10, 100)[..], b"string");
+        assert_eq!(&range(&v, 5, 3)[..], b"");
+        assert_eq!(&range(&v, -1, -5)[..], b"");
+    }
+}

@@ -1,0 +1,296 @@
+//! L3: values over the threshold are stored, zstd-compressed, in a [`store::Store`],
+//! and Redis holds a small authenticated [`stub::Stub`] in their place.
+//!
+//! Writes: compress → put the object under a new unique name (durable first) → only then
+//! write the stub with the client's own command. A write Redis did not perform (NX/XX,
+//! an error) deletes the object; anything uncertain is left for the sweeper.
+//! Reads: a reply that is a stub is resolved — fetch (concurrent reads of one object
+//! share one fetch), check the length, decompress, verify the checksum — and the
+//! client sees its original value.
+
+pub mod store;
+pub mod stub;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::RngCore;
+use tokio::sync::oneshot;
+
+use crate::config::L3Config;
+use crate::error::StartError;
+use store::{DirStore, Store, StoreError};
+use stub::{Body, Codec, Stub, StubError};
+
+/// Compression runs on the blocking pool above this size, not on a runtime worker.
+const BLOCKING_ABOVE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpillError {
+    #[error("spill store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Stub(#[from] StubError),
+    #[error("spilled value corrupt: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Default)]
+pub struct SpillStats {
+    pub writes: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub reads: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub merged_reads: AtomicU64,
+    pub errors: AtomicU64,
+    pub discarded: AtomicU64,
+    pub store_ms_total: AtomicU64,
+    pub store_ops: AtomicU64,
+}
+
+type Waiters = Vec<oneshot::Sender<Result<Bytes, SpillError>>>;
+
+pub struct Spill {
+    pub threshold: usize,
+    key: Vec<u8>,
+    prefix: String,
+    level: i32,
+    timeout: Duration,
+    pub store: Store,
+    inflight: Mutex<HashMap<String, Waiters>>,
+    pub stats: SpillStats,
+}
+
+impl Spill {
+    pub fn new(cfg: &L3Config) -> Result<Spill, StartError> {
+        let err = |m: String| StartError::Config(m);
+        let dir = std::path::Path::new(&cfg.dir);
+        let store =
+            Store::Dir(DirStore::new(dir).map_err(|e| err(format!("l3.dir {}: {e}", cfg.dir)))?);
+        let key = if !cfg.signing_key.is_empty() {
+            cfg.signing_key.as_bytes().to_vec()
+        } else {
+            local_signing_key(dir)
+                .map_err(|e| err(format!("l3.dir {}: signing key: {e}", cfg.dir)))?
+        };
+        Ok(Spill {
+            threshold: cfg.threshold_bytes as usize,
+            key,
+            prefix: cfg.prefix.clone(),
+            level: cfg.zstd_level,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            store,
+            inflight: Mutex::new(HashMap::new()),
+            stats: SpillStats::default(),
+        })
+    }
+
+    /// Whether a value written by a client must not go to Redis as it is.
+    pub fn must_wrap(&self, value: &[u8]) -> bool {
+        value.len() > self.threshold || stub::is_stub(value)
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = std::time::Instant::now();
+        let r = tokio::time::timeout(self.timeout, f)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(self.timeout.as_millis() as u64)));
+        self.stats
+            .store_ms_total
+            .fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.stats.store_ops.fetch_add(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Turns a client's value into what Redis stores: a stub for a stored object (whose
+    /// name is returned, so the caller can discard it if Redis does not take the write),
+    /// or the envelope of a small value that merely looks like a stub.
+    pub async fn wrap(&self, value: Bytes) -> Result<(Bytes, Option<String>), SpillError> {
+        if value.len() <= self.threshold {
+            return Ok((Stub::inline(value).encode(&self.key), None));
+        }
+        let level = self.level;
+        let original = value.clone();
+        let compress = move || -> (Codec, Bytes, [u8; 32]) {
+            let sum = stub::sha256(&original);
+            match zstd::bulk::compress(&original, level) {
+                Ok(c) if c.len() < original.len() => (Codec::Zstd, Bytes::from(c), sum),
+                _ => (Codec::Raw, original, sum),
+            }
+        };
+        let (codec, stored, checksum) = if value.len() > BLOCKING_ABOVE {
+            tokio::task::spawn_blocking(compress)
+                .await
+                .map_err(|e| SpillError::Corrupt(format!("compression task: {e}")))?
+        } else {
+            compress()
+        };
+        let mut id = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut id);
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("{}{}/{}", self.prefix, &hex[..2], hex);
+        let stub = Stub {
+            codec,
+            original_len: value.len() as u64,
+            stored_len: stored.len() as u64,
+            checksum,
+            body: Body::Object(name.clone()),
+        };
+        let stored_len = stored.len() as u64;
+        if let Err(e) = self.timed(self.store.put(&name, stored)).await {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            // A timed-out put may still land: make sure it does not linger.
+            let _ = self.timed(self.store.delete(&name)).await;
+            return Err(e.into());
+        }
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_in
+            .fetch_add(value.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_stored
+            .fetch_add(stored_len, Ordering::Relaxed);
+        Ok((stub.encode(&self.key), Some(name)))
+    }
+
+    /// Deletes an object no stub refers to (Redis refused the write).
+    pub async fn discard(&self, name: &str) {
+        if self.timed(self.store.delete(name)).await.is_ok() {
+            self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The parsed stub, if `value` is one (no store access).
+    pub fn parse(&self, value: &Bytes) -> Option<Result<Stub, StubError>> {
+        stub::is_stub(value).then(|| Stub::decode(value, &self.key))
+    }
+
+    /// The client's value behind whatever Redis returned.
+    pub async fn resolve(&self, value: Bytes) -> Result<Bytes, SpillError> {
+        let Some(parsed) = self.parse(&value) else {
+            return Ok(value);
+        };
+        let stub = parsed.inspect_err(|_| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let out = match &stub.body {
+            Body::Inline(p) => p.clone(),
+            Body::Object(name) => self.fetch(name, &stub).await?,
+        };
+        if out.len() as u64 != stub.original_len || stub::sha256(&out) != stub.checksum {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(SpillError::Corrupt("checksum mismatch".into()));
+        }
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_out
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Fetches and decodes one object; concurrent fetches of it share one store read.
+    async fn fetch(&self, name: &str, stub: &Stub) -> Result<Bytes, SpillError> {
+        let rx = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get_mut(name) {
+                Some(waiters) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    m.insert(name.to_string(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = rx {
+            self.stats.merged_reads.fetch_add(1, Ordering::Relaxed);
+            return match rx.await {
+                Ok(r) => r,
+                Err(_) => Err(SpillError::Store(StoreError::Io(
+                    "shared read abandoned".into(),
+                ))),
+            };
+        }
+        // Whatever happens below, release the waiters.
+        struct Release<'a>(&'a Spill, &'a str, Option<Result<Bytes, SpillError>>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let waiters = self
+                    .0
+                    .inflight
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(self.1)
+                    .unwrap_or_default();
+                if let Some(r) = &self.2 {
+                    for w in waiters {
+                        let _ = w.send(r.clone());
+                    }
+                }
+            }
+        }
+        let mut release = Release(self, name, None);
+        let result = self.fetch_decode(name, stub).await;
+        release.2 = Some(result.clone());
+        drop(release);
+        result
+    }
+
+    async fn fetch_decode(&self, name: &str, stub: &Stub) -> Result<Bytes, SpillError> {
+        let stored = self.timed(self.store.get(name)).await.inspect_err(|_| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        if stored.len() as u64 != stub.stored_len {
+            return Err(SpillError::Corrupt(format!(
+                "object {name} has {} bytes, stub says {}",
+                stored.len(),
+                stub.stored_len
+            )));
+        }
+        match stub.codec {
+            Codec::Raw => Ok(stored),
+            Codec::Zstd => {
+                let cap = stub.original_len as usize;
+                let decode = move || zstd::bulk::decompress(&stored, cap);
+                let out = if cap > BLOCKING_ABOVE {
+                    tokio::task::spawn_blocking(decode)
+                        .await
+                        .map_err(|e| SpillError::Corrupt(format!("decompression task: {e}")))?
+                } else {
+                    decode()
+                };
+                out.map(Bytes::from)
+                    .map_err(|e| SpillError::Corrupt(format!("zstd: {e}")))
+            }
+        }
+    }
+}
+
+/// The local store's signing key: generated once, kept in the directory (0600).
+fn local_signing_key(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    let path = dir.join(".signing-key");
+    match std::fs::read(&path) {
+        Ok(k) if k.len() >= 32 => Ok(k),
+        _ => {
+            let mut k = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut k);
+            let hex: String = k.iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::write(&path, hex.as_bytes())?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Ok(hex.into_bytes())
+        }
+    }
+}

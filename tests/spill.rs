@@ -1,0 +1,478 @@
+//! L3 spill with the local-directory store, against a real cluster: values over the
+//! threshold leave Redis, reads resolve them, stubs are authenticated.
+
+mod support;
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use support::{shared_cluster, tag, Proxy, Resp};
+
+const THRESHOLD: usize = 4096;
+
+struct Setup {
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+}
+
+fn setup() -> &'static Setup {
+    static S: OnceLock<Setup> = OnceLock::new();
+    S.get_or_init(new_setup)
+}
+
+/// A proxy with a store directory of its own (for tests that count objects).
+fn new_setup() -> Setup {
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        write!(
+            cfg,
+            "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
+            dir.path().display()
+        )
+        .unwrap();
+        let proxy = Proxy::start(
+            &shared_cluster().seeds(),
+            &["--config", cfg.path().to_str().unwrap()],
+            &[],
+        );
+        Setup { proxy, dir }
+    }
+}
+
+fn conn() -> Resp {
+    Resp::connect(&setup().proxy.addr())
+}
+
+/// A client that bypasses the proxy (follows MOVED itself).
+fn direct() -> DirectCluster {
+    DirectCluster
+}
+
+struct DirectCluster;
+
+impl DirectCluster {
+    fn cmd(&self, args: &[&[u8]]) -> Vec<u8> {
+        for m in shared_cluster().master_addrs() {
+            let r = Resp::connect(&m).cmd_bytes(args);
+            if !r.starts_with(b"-MOVED") {
+                return r;
+            }
+        }
+        panic!("no master took {:?}", String::from_utf8_lossy(args[0]));
+    }
+}
+
+fn bulk(v: &[u8]) -> Vec<u8> {
+    let mut out = format!("${}\r\n", v.len()).into_bytes();
+    out.extend_from_slice(v);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+fn objects(dir: &std::path::Path) -> usize {
+    fn count(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| {
+                        let p = e.path();
+                        if p.is_dir() {
+                            count(&p)
+                        } else if p
+                            .file_name()
+                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                        {
+                            0
+                        } else {
+                            1
+                        }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    count(dir)
+}
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    // xorshift: incompressible, reproducible.
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn info_field(c: &mut Resp, name: &str) -> i64 {
+    let info = String::from_utf8_lossy(&c.cmd(&["INFO", "spill"])).into_owned();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
+#[test]
+fn round_trips_around_the_threshold_and_large() {
+    let mut c = conn();
+    let t = tag("sizes");
+    for (i, n) in [THRESHOLD - 1, THRESHOLD, THRESHOLD + 1, 1 << 20, 20 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        for (kind, value) in [("random", random(n, i as u64 + 1)), ("zeros", vec![0u8; n])] {
+            let k = format!("{t}{n}-{kind}");
+            assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &value]), b"+OK\r\n");
+            assert_eq!(
+                c.cmd_bytes(&[b"GET", k.as_bytes()]),
+                bulk(&value),
+                "{n} {kind}"
+            );
+            assert_eq!(c.cmd(&["STRLEN", &k]), format!(":{n}\r\n").into_bytes());
+            let held = direct().cmd(&[b"STRLEN", k.as_bytes()]);
+            let held: usize = String::from_utf8_lossy(&held[1..]).trim().parse().unwrap();
+            if n > THRESHOLD {
+                assert!(held < 300, "Redis should hold a stub, holds {held} bytes");
+            } else {
+                assert_eq!(held, n, "values up to the threshold stay in Redis");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_set_form_and_mget_mixing_kinds() {
+    let own = new_setup();
+    let mut c = Resp::connect(&own.proxy.addr());
+    let objects = || objects(own.dir.path());
+    let t = tag("forms");
+    let big = |s: u64| random(THRESHOLD * 3, s);
+    let key = |n: &str| format!("{t}{n}");
+    let get = |c: &mut Resp, k: &str| c.cmd(&["GET", k]);
+    for (n, args) in [
+        ("ex", vec!["EX", "100"]),
+        ("px", vec!["PX", "100000"]),
+        ("exat", vec!["EXAT", "9999999999"]),
+        ("pxat", vec!["PXAT", "9999999999000"]),
+    ] {
+        let k = key(n);
+        let v = big(1);
+        let mut cmd: Vec<&[u8]> = vec![b"SET", k.as_bytes(), &v];
+        cmd.extend(args.iter().map(|a| a.as_bytes()));
+        assert_eq!(c.cmd_bytes(&cmd), b"+OK\r\n", "{n}");
+        assert_eq!(get(&mut c, &k), bulk(&v));
+        let ttl = String::from_utf8_lossy(&c.cmd(&["TTL", &k])).into_owned();
+        assert!(ttl.starts_with(':') && !ttl.starts_with(":-"), "{n}: {ttl}");
+    }
+    // KEEPTTL keeps the TTL; XX on an existing key writes; NX does not.
+    let k = key("ex");
+    let v2 = big(2);
+    assert_eq!(
+        c.cmd_bytes(&[b"SET", k.as_bytes(), &v2, b"KEEPTTL", b"XX"]),
+        b"+OK\r\n"
+    );
+    assert!(!c.cmd(&["TTL", &k]).starts_with(b":-"));
+    assert_eq!(get(&mut c, &k), bulk(&v2));
+    let before = objects();
+    assert_eq!(
+        c.cmd_bytes(&[b"SET", k.as_bytes(), &big(3), b"NX"]),
+        b"$-1\r\n"
+    );
+    assert_eq!(
+        objects(),
+        before,
+        "a refused NX write must not leave its object"
+    );
+    assert_eq!(
+        c.cmd_bytes(&[b"SET", key("absent").as_bytes(), &big(3), b"XX"]),
+        b"$-1\r\n"
+    );
+    assert_eq!(
+        objects(),
+        before,
+        "a refused XX write must not leave its object"
+    );
+    // GET returns the old (spilled) value.
+    let v4 = big(4);
+    assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v4, b"GET"]), bulk(&v2));
+    assert_eq!(c.cmd_bytes(&[b"GETSET", k.as_bytes(), b"small"]), bulk(&v4));
+    assert_eq!(get(&mut c, &k), b"$5\r\nsmall\r\n");
+    // SETEX, PSETEX, SETNX.
+    let v5 = big(5);
+    assert_eq!(
+        c.cmd_bytes(&[b"SETEX", key("sx").as_bytes(), b"100", &v5]),
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        c.cmd_bytes(&[b"PSETEX", key("psx").as_bytes(), b"100000", &v5]),
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        c.cmd_bytes(&[b"SETNX", key("snx").as_bytes(), &v5]),
+        b":1\r\n"
+    );
+    let before = objects();
+    assert_eq!(
+        c.cmd_bytes(&[b"SETNX", key("snx").as_bytes(), &big(6)]),
+        b":0\r\n"
+    );
+    assert_eq!(objects(), before);
+    for n in ["sx", "psx", "snx"] {
+        assert_eq!(get(&mut c, &key(n)), bulk(&v5), "{n}");
+    }
+    // MSET / MSETNX / MGET with spilled, inline and missing keys.
+    let (a, b) = (big(7), big(8));
+    assert_eq!(
+        c.cmd_bytes(&[
+            b"MSET",
+            key("m1").as_bytes(),
+            &a,
+            key("m2").as_bytes(),
+            b"inline",
+            key("m3").as_bytes(),
+            &b
+        ]),
+        b"+OK\r\n"
+    );
+    let mut want = b"*4\r\n".to_vec();
+    want.extend(bulk(&a));
+    want.extend(b"$6\r\ninline\r\n");
+    want.extend(b"$-1\r\n");
+    want.extend(bulk(&b));
+    assert_eq!(
+        c.cmd(&["MGET", &key("m1"), &key("m2"), &key("missing"), &key("m3")]),
+        want
+    );
+    let before = objects();
+    assert_eq!(
+        c.cmd_bytes(&[
+            b"MSETNX",
+            key("m1").as_bytes(),
+            &big(9),
+            key("m9").as_bytes(),
+            b"x"
+        ]),
+        b":0\r\n"
+    );
+    assert_eq!(objects(), before);
+    // GETDEL and GETEX resolve too.
+    assert_eq!(c.cmd(&["GETEX", &key("m1"), "PERSIST"]), bulk(&a));
+    assert_eq!(c.cmd(&["GETDEL", &key("m1")]), bulk(&a));
+    assert_eq!(get(&mut c, &key("m1")), b"$-1\r\n");
+    // GETRANGE / SUBSTR on the resolved value.
+    assert_eq!(c.cmd(&["GETRANGE", &key("m3"), "0", "9"]), bulk(&b[..10]));
+    assert_eq!(
+        c.cmd(&["GETRANGE", &key("m3"), "-5", "-1"]),
+        bulk(&b[b.len() - 5..])
+    );
+    assert_eq!(
+        c.cmd(&["SUBSTR", &key("m3"), "100", "199"]),
+        bulk(&b[100..200])
+    );
+    assert_eq!(c.cmd(&["GETRANGE", &key("m2"), "0", "1"]), b"$2\r\nin\r\n");
+    // RESP3 clients see the same values.
+    c.cmd(&["HELLO", "3"]);
+    assert_eq!(get(&mut c, &key("m3")), bulk(&b));
+}
+
+#[test]
+fn strlen_reads_the_stub_not_the_store() {
+    let mut c = conn();
+    let k = format!("{}len", tag("strlen"));
+    let v = random(THRESHOLD * 10, 42);
+    assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v]), b"+OK\r\n");
+    let reads = info_field(&mut c, "spill_reads");
+    for _ in 0..5 {
+        assert_eq!(
+            c.cmd(&["STRLEN", &k]),
+            format!(":{}\r\n", v.len()).into_bytes()
+        );
+    }
+    // Other tests may read concurrently; five STRLENs must not be five store reads.
+    assert!(info_field(&mut c, "spill_reads") - reads < 5);
+}
+
+#[test]
+fn copies_renames_and_dumps_carry_the_stub() {
+    let mut c = conn();
+    let t = tag("copy");
+    let (src, cp, rn, rs) = (
+        format!("{t}src"),
+        format!("{t}copy"),
+        format!("{t}renamed"),
+        format!("{t}restored"),
+    );
+    let v = random(THRESHOLD * 4, 7);
+    assert_eq!(c.cmd_bytes(&[b"SET", src.as_bytes(), &v]), b"+OK\r\n");
+    // A direct client copies the stub, then the original is deleted: the copy still reads.
+    assert_eq!(
+        direct().cmd(&[b"COPY", src.as_bytes(), cp.as_bytes()]),
+        b":1\r\n"
+    );
+    assert_eq!(c.cmd(&["DEL", &src]), b":1\r\n");
+    assert_eq!(c.cmd(&["GET", &cp]), bulk(&v));
+    assert_eq!(c.cmd(&["RENAME", &cp, &rn]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &rn]), bulk(&v));
+    let dump = c.cmd(&["DUMP", &rn]);
+    let payload = &dump[dump.iter().position(|&b| b == b'\n').unwrap() + 1..dump.len() - 2];
+    assert_eq!(
+        c.cmd_bytes(&[b"RESTORE", rs.as_bytes(), b"0", payload]),
+        b"+OK\r\n"
+    );
+    assert_eq!(c.cmd(&["GET", &rs]), bulk(&v));
+}
+
+#[test]
+fn forged_stubs_are_errors_and_stub_looking_values_read_back() {
+    let mut c = conn();
+    let t = tag("forge");
+    let (forged, looks, trunc) = (
+        format!("{t}forged"),
+        format!("{t}looks"),
+        format!("{t}trunc"),
+    );
+    let mut fake = b"\xF5TPX\x01\x01\x00\x00".to_vec();
+    fake.extend(std::iter::repeat(7u8).take(120));
+    assert_eq!(
+        direct().cmd(&[b"SET", forged.as_bytes(), &fake]),
+        b"+OK\r\n"
+    );
+    let r = String::from_utf8_lossy(&c.cmd(&["GET", &forged])).into_owned();
+    assert!(r.starts_with("-ERR tierproxy: invalid spill stub"), "{r}");
+    assert_eq!(
+        c.cmd(&["PING"]),
+        b"+PONG\r\n",
+        "the connection stays usable"
+    );
+    // A real stub, truncated by a direct client.
+    let v = random(THRESHOLD * 2, 9);
+    c.cmd_bytes(&[b"SET", trunc.as_bytes(), &v]);
+    let held = direct().cmd(&[b"GET", trunc.as_bytes()]);
+    let stub = &held[held.iter().position(|&b| b == b'\n').unwrap() + 1..held.len() - 2];
+    direct().cmd(&[b"SET", trunc.as_bytes(), &stub[..stub.len() - 1]]);
+    assert!(c
+        .cmd(&["GET", &trunc])
+        .starts_with(b"-ERR tierproxy: invalid spill stub"));
+    // A user value that merely starts with the magic comes back byte for byte.
+    let odd = b"\xF5TPX\x01\x01 not really a stub".to_vec();
+    assert_eq!(c.cmd_bytes(&[b"SET", looks.as_bytes(), &odd]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &looks]), bulk(&odd));
+    assert_eq!(
+        c.cmd(&["STRLEN", &looks]),
+        format!(":{}\r\n", odd.len()).into_bytes()
+    );
+}
+
+#[test]
+fn writes_that_would_corrupt_a_stub_are_refused() {
+    let mut c = conn();
+    let k = format!("{}rmw", tag("rmw"));
+    c.cmd_bytes(&[b"SET", k.as_bytes(), &random(THRESHOLD * 2, 3)]);
+    assert!(c
+        .cmd(&["APPEND", &k, "x"])
+        .starts_with(b"-ERR tierproxy: APPEND on a spilled value"));
+    assert!(c
+        .cmd(&["SETRANGE", &k, "0", "x"])
+        .starts_with(b"-ERR tierproxy: SETRANGE on a spilled value"));
+    assert_eq!(
+        c.cmd(&["INCR", &k]),
+        b"-ERR value is not an integer or out of range\r\n"
+    );
+    // On ordinary values they work as always.
+    let s = format!("{}plain", tag("rmw"));
+    assert_eq!(c.cmd(&["APPEND", &s, "ab"]), b":2\r\n");
+    assert_eq!(c.cmd(&["SETRANGE", &s, "1", "X"]), b":2\r\n");
+    assert_eq!(c.cmd(&["GET", &s]), b"$2\r\naX\r\n");
+}
+
+#[test]
+fn a_failing_store_fails_the_write_and_leaves_redis_untouched() {
+    // A proxy whose store directory is a file: every put fails.
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        cfg,
+        "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\nsigning_key = \"k\"\ndir = \"{}/sub\"\n",
+        setup().dir.path().display()
+    )
+    .unwrap();
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    std::fs::remove_dir_all(setup().dir.path().join("sub")).unwrap();
+    std::fs::copy(blocker.path(), setup().dir.path().join("sub")).unwrap();
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}fail", tag("storefail"));
+    assert_eq!(c.cmd(&["SET", &k, "old"]), b"+OK\r\n");
+    let r =
+        String::from_utf8_lossy(&c.cmd_bytes(&[b"SET", k.as_bytes(), &random(THRESHOLD * 2, 1)]))
+            .into_owned();
+    assert!(r.starts_with("-ERR tierproxy: spill store"), "{r}");
+    assert_eq!(
+        c.cmd(&["GET", &k]),
+        b"$3\r\nold\r\n",
+        "Redis must be untouched"
+    );
+    std::fs::remove_file(setup().dir.path().join("sub")).unwrap();
+}
+
+#[test]
+fn concurrent_reads_of_one_value_share_a_store_read() {
+    let k = format!("{}hot", tag("shared"));
+    let v = random(4 << 20, 5);
+    conn().cmd_bytes(&[b"SET", k.as_bytes(), &v]);
+    let want = bulk(&v);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let k = k.clone();
+            let want = want.clone();
+            std::thread::spawn(move || {
+                let mut c = conn();
+                for _ in 0..5 {
+                    assert!(c.cmd(&["GET", &k]) == want);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        cfg,
+        "[l1]\nenabled = true\nadmit_after_reads = 1\n[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
+        dir.path().display()
+    )
+    .unwrap();
+    let px = Proxy::start(&shared_cluster().seeds(), &["--config", cfg.path().to_str().unwrap()], &[]);
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}both", tag("l1l3"));
+    let v1 = random(THRESHOLD * 8, 11);
+    assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v1]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&v1));
+    let cached = c.cmd(&["TIERPROXY.L1", "GET", &k]);
+    assert!(
+        cached.windows(v1.len()).any(|w| w == &v1[..]),
+        "L1 should hold the resolved value, not the stub"
+    );
+    let reads = info_field(&mut c, "spill_reads");
+    for _ in 0..5 {
+        assert_eq!(c.cmd(&["GET", &k]), bulk(&v1));
+    }
+    assert_eq!(info_field(&mut c, "spill_reads"), reads, "hits must not read the store");
+    let v2 = random(THRESHOLD * 8, 12);
+    assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v2]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&v2));
+    assert_eq!(c.cmd(&["MGET", &k, &k]), [b"*2\r\n".to_vec(), bulk(&v2), bulk(&v2)].concat());
+}
