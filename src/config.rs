@@ -61,8 +61,18 @@ pub struct L3Config {
     pub threshold_bytes: u64,
     /// The local-directory store.                              env CACHE_L3_DIR
     pub dir: String,
-    /// S3 bucket (the S3 store is not implemented yet).        env CACHE_L3_BUCKET
+    /// S3 bucket: set, the S3 store is used instead of `dir`.  env CACHE_L3_BUCKET
     pub bucket: String,
+    /// AWS region; empty: the standard chain (AWS_REGION, profile, …), else us-east-1.
+    pub region: String,
+    /// S3-compatible endpoint (also AWS_ENDPOINT_URL); set, path-style addressing is used.
+    pub endpoint_url: String,
+    /// Server-side encryption: "", "AES256" or "aws:kms".
+    pub sse: String,
+    pub sse_kms_key_id: String,
+    /// Objects larger than this are uploaded in parts of `part_size_bytes`.
+    pub multipart_threshold_bytes: u64,
+    pub part_size_bytes: u64,
     /// Object name prefix.                                     env CACHE_L3_PREFIX
     pub prefix: String,
     /// HMAC key for stubs; empty with the local store: generated and kept in `dir`.
@@ -80,6 +90,12 @@ impl Default for L3Config {
             threshold_bytes: DEFAULT_L3_THRESHOLD_BYTES,
             dir: DEFAULT_L3_DIR.into(),
             bucket: String::new(),
+            region: String::new(),
+            endpoint_url: String::new(),
+            sse: String::new(),
+            sse_kms_key_id: String::new(),
+            multipart_threshold_bytes: 16 * 1024 * 1024,
+            part_size_bytes: 8 * 1024 * 1024,
             prefix: DEFAULT_L3_PREFIX.into(),
             signing_key: String::new(),
             zstd_level: DEFAULT_L3_ZSTD_LEVEL,
@@ -542,15 +558,33 @@ impl Config {
         }
         let l3 = &self.l3;
         if l3.enabled {
-            if !l3.bucket.is_empty() {
+            if !l3.bucket.is_empty() && l3.signing_key.len() < 16 {
                 return bad(
-                    "l3.bucket",
-                    "the S3 store is not implemented yet; use the local store (l3.dir)".into(),
+                    "l3.signing_key",
+                    "the S3 store needs a signing key of at least 16 bytes (CACHE_L3_SIGNING_KEY), shared by every proxy".into(),
                 );
             }
-            if l3.dir.is_empty() {
+            if l3.bucket.is_empty() && l3.dir.is_empty() {
                 return bad("l3.dir", "must not be empty".into());
             }
+        }
+        if !matches!(l3.sse.as_str(), "" | "AES256" | "aws:kms") {
+            return bad(
+                "l3.sse",
+                format!("{:?}: must be \"\", \"AES256\" or \"aws:kms\"", l3.sse),
+            );
+        }
+        if l3.part_size_bytes < 5 * 1024 * 1024 {
+            return bad(
+                "l3.part_size_bytes",
+                "must be at least 5 MiB (S3's minimum part)".into(),
+            );
+        }
+        if l3.multipart_threshold_bytes < l3.part_size_bytes {
+            return bad(
+                "l3.multipart_threshold_bytes",
+                "must be at least l3.part_size_bytes".into(),
+            );
         }
         if l3.threshold_bytes < 1024 {
             return bad("l3.threshold_bytes", "must be at least 1024".into());

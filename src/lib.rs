@@ -118,7 +118,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 
     let l1 = cfg.l1.enabled.then(|| Arc::new(l1::L1::new(&cfg.l1)));
     let spill = match cfg.l3.enabled {
-        true => Some(Arc::new(spill::Spill::new(&cfg.l3)?)),
+        true => Some(Arc::new(spill::Spill::new(&cfg.l3).await?)),
         false => None,
     };
     let upstream = upstream::Upstream::new(&cfg, l1.clone());

@@ -336,7 +336,7 @@ fn forged_stubs_are_errors_and_stub_looking_values_read_back() {
         format!("{t}trunc"),
     );
     let mut fake = b"\xF5TPX\x01\x01\x00\x00".to_vec();
-    fake.extend(std::iter::repeat(7u8).take(120));
+    fake.extend(std::iter::repeat_n(7u8, 120));
     assert_eq!(
         direct().cmd(&[b"SET", forged.as_bytes(), &fake]),
         b"+OK\r\n"
@@ -455,7 +455,11 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
         dir.path().display()
     )
     .unwrap();
-    let px = Proxy::start(&shared_cluster().seeds(), &["--config", cfg.path().to_str().unwrap()], &[]);
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
     let mut c = Resp::connect(&px.addr());
     let k = format!("{}both", tag("l1l3"));
     let v1 = random(THRESHOLD * 8, 11);
@@ -470,9 +474,16 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
     for _ in 0..5 {
         assert_eq!(c.cmd(&["GET", &k]), bulk(&v1));
     }
-    assert_eq!(info_field(&mut c, "spill_reads"), reads, "hits must not read the store");
+    assert_eq!(
+        info_field(&mut c, "spill_reads"),
+        reads,
+        "hits must not read the store"
+    );
     let v2 = random(THRESHOLD * 8, 12);
     assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v2]), b"+OK\r\n");
     assert_eq!(c.cmd(&["GET", &k]), bulk(&v2));
-    assert_eq!(c.cmd(&["MGET", &k, &k]), [b"*2\r\n".to_vec(), bulk(&v2), bulk(&v2)].concat());
+    assert_eq!(
+        c.cmd(&["MGET", &k, &k]),
+        [b"*2\r\n".to_vec(), bulk(&v2), bulk(&v2)].concat()
+    );
 }

@@ -413,7 +413,7 @@ mod tests {
             }
         }
         let mut big = vec![b'*'];
-        big.extend(std::iter::repeat(b'1').take(70 * 1024));
+        big.extend(std::iter::repeat_n(b'1', 70 * 1024));
         let (_, r, _) = parse(&big);
         assert_eq!(r.unwrap_err().0, "too big mbulk count string");
     }

@@ -25,7 +25,7 @@ pub async fn dispatch(
     req: Request,
 ) -> Pending {
     let args = &req.args;
-    if policy == Policy::Mset && args.len() % 2 == 0 {
+    if policy == Policy::Mset && args.len().is_multiple_of(2) {
         return Pending::error(Error::arity(&info.name));
     }
     let keys = info.key_indices(args);

@@ -66,11 +66,14 @@ pub struct Spill {
 }
 
 impl Spill {
-    pub fn new(cfg: &L3Config) -> Result<Spill, StartError> {
+    pub async fn new(cfg: &L3Config) -> Result<Spill, StartError> {
         let err = |m: String| StartError::Config(m);
         let dir = std::path::Path::new(&cfg.dir);
-        let store =
-            Store::Dir(DirStore::new(dir).map_err(|e| err(format!("l3.dir {}: {e}", cfg.dir)))?);
+        let store = if cfg.bucket.is_empty() {
+            Store::Dir(DirStore::new(dir).map_err(|e| err(format!("l3.dir {}: {e}", cfg.dir)))?)
+        } else {
+            Store::S3(store::S3Store::new(cfg).await.map_err(err)?)
+        };
         let key = if !cfg.signing_key.is_empty() {
             cfg.signing_key.as_bytes().to_vec()
         } else {

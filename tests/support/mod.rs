@@ -66,7 +66,8 @@ const LOG_TAIL_LINES: usize = 40;
 const RESP_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Supervises one `redis-server` (positional parameters: test pid, server dir, server args).
+/// Supervises one server process (positional parameters: test pid, server dir, the command
+/// and its args): `redis-server`, or the S3-compatible server.
 ///
 /// It prints the server's pid so `Drop` can kill the server itself (killing only bash would
 /// orphan it), then waits until either side goes away:
@@ -81,7 +82,7 @@ const WATCHDOG_SCRIPT: &str = r#"
 test_pid=$1
 dir=$2
 shift 2
-redis-server "$@" </dev/null >>"$dir/stdout.log" 2>&1 &
+"$@" </dev/null >>"$dir/stdout.log" 2>&1 &
 server=$!
 echo "$server"
 exec >/dev/null
@@ -214,6 +215,7 @@ impl RedisServer {
             .arg("tierproxy-redis-watchdog")
             .arg(std::process::id().to_string())
             .arg(&dir)
+            .arg("redis-server")
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1260,4 +1262,199 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 /// A poisoned lock only means another test thread panicked; the data is still fine to read.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A real S3-compatible server on loopback (moto's server, from PyPI), supervised by the same
+/// watchdog as the Redis servers. Each server is empty when it starts (state is in memory).
+pub struct S3Server {
+    port: u16,
+    dir: PathBuf,
+    server_pid: u32,
+    watchdog: Child,
+    stopped: bool,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        S3Server::start_on(free_port())
+    }
+
+    /// Starts on a given port (to bring a stopped server "back" at the same address).
+    pub fn start_on(port: u16) -> S3Server {
+        let dir = make_temp_dir("s3");
+        let mut watchdog = Command::new("bash")
+            .arg("-c")
+            .arg(WATCHDOG_SCRIPT)
+            .arg("tierproxy-s3-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(&dir)
+            .args(["python3", "-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn bash to supervise the S3 server: {e}"));
+        let mut line = String::new();
+        let stdout = watchdog.stdout.take().expect("watchdog stdout is piped");
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let server_pid = line
+            .trim()
+            .parse::<u32>()
+            .unwrap_or_else(|_| panic!("S3 watchdog did not report a pid: {line:?}"));
+        let mut s = S3Server {
+            port,
+            dir,
+            server_pid,
+            watchdog,
+            stopped: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _, _)) = s.try_http("GET", "/", b"") {
+                return s;
+            }
+            if Instant::now() > deadline || matches!(s.watchdog.try_wait(), Ok(Some(_))) {
+                let log = file_tail(&s.dir.join("stdout.log"), LOG_TAIL_LINES);
+                s.stop();
+                panic!("the S3 server (python3 -m moto.server; pip install 'moto[server]') did not start on port {port}:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn try_http(&self, method: &str, path: &str, body: &[u8]) -> io::Result<(u16, String, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        s.write_all(body)?;
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((status, head.to_string(), body.to_string()))
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, _, body) = self.try_http("PUT", &format!("/{bucket}"), b"").unwrap();
+        assert_eq!(status, 200, "create bucket {bucket}: {body}");
+    }
+
+    /// The object names in a bucket (up to 1,000).
+    pub fn keys(&self, bucket: &str) -> Vec<String> {
+        let (status, _, body) = self
+            .try_http("GET", &format!("/{bucket}?list-type=2"), b"")
+            .unwrap();
+        assert_eq!(status, 200, "list {bucket}: {body}");
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|p| p.split("</Key>").next())
+            .map(String::from)
+            .collect()
+    }
+
+    /// (name, ETag, size) of the objects in a bucket, from the listing.
+    pub fn objects(&self, bucket: &str) -> Vec<(String, String, u64)> {
+        let (status, _, body) = self
+            .try_http("GET", &format!("/{bucket}?list-type=2"), b"")
+            .unwrap();
+        assert_eq!(status, 200, "list {bucket}: {body}");
+        let field = |entry: &str, tag: &str| {
+            entry
+                .split(&format!("<{tag}>"))
+                .nth(1)
+                .and_then(|r| r.split(&format!("</{tag}>")).next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        body.split("<Contents>")
+            .skip(1)
+            .map(|e| {
+                let etag = field(e, "ETag").replace("&#34;", "").replace('"', "");
+                (field(e, "Key"), etag, field(e, "Size").parse().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// The server-side encryption S3 reports for an object (a signed HeadObject through
+    /// boto3, which comes with moto; the server refuses unsigned HEADs).
+    pub fn object_sse(&self, bucket: &str, key: &str) -> Option<String> {
+        let script = "import sys, boto3\n\
+c = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1', aws_access_key_id='test', aws_secret_access_key='test')\n\
+print(c.head_object(Bucket=sys.argv[2], Key=sys.argv[3]).get('ServerSideEncryption') or '')";
+        let out = Command::new("python3")
+            .args(["-c", script, &self.endpoint(), bucket, key])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "head_object: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!v.is_empty()).then_some(v)
+    }
+
+    /// The status line and headers of HEAD on an object.
+    pub fn head(&self, bucket: &str, key: &str) -> String {
+        self.try_http("HEAD", &format!("/{bucket}/{key}"), b"")
+            .map(|(_, head, _)| head)
+            .unwrap_or_default()
+    }
+
+    /// A response header of HEAD on an object (lower-case name).
+    pub fn object_header(&self, bucket: &str, key: &str, header: &str) -> Option<String> {
+        let (_, head, _) = self
+            .try_http("HEAD", &format!("/{bucket}/{key}"), b"")
+            .ok()?;
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(header)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    /// Kills the server (the port closes before this returns).
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if let Ok(None) = self.watchdog.try_wait() {
+            send_signal("KILL", self.server_pid);
+        }
+        drop(self.watchdog.stdin.take());
+        if wait_timeout(&mut self.watchdog, Duration::from_secs(5)).is_none() {
+            let _ = self.watchdog.kill();
+            let _ = self.watchdog.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
