@@ -81,6 +81,12 @@ pub struct L3Config {
     pub zstd_level: i32,
     /// Every store call fails after this long.
     pub timeout_ms: u64,
+    /// Background sweep period; 0 = only `tierproxy sweep`.
+    pub sweep_interval_secs: u64,
+    /// Unreferenced objects younger than this are kept (writes in flight).
+    pub sweep_grace_secs: u64,
+    /// The sweeper reads at most this many keys per second from Redis.
+    pub sweep_keys_per_sec: u64,
 }
 
 impl Default for L3Config {
@@ -100,6 +106,9 @@ impl Default for L3Config {
             signing_key: String::new(),
             zstd_level: DEFAULT_L3_ZSTD_LEVEL,
             timeout_ms: DEFAULT_L3_TIMEOUT_MS,
+            sweep_interval_secs: 6 * 3600,
+            sweep_grace_secs: 3600,
+            sweep_keys_per_sec: 5000,
         }
     }
 }

@@ -136,6 +136,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         prometheus: metrics::install(),
         cfg,
     });
+    let sweeper = px
+        .spill
+        .clone()
+        .filter(|_| px.cfg.l3.sweep_interval_secs > 0)
+        .map(|sp| {
+            let l3 = &px.cfg.l3;
+            tokio::spawn(spill::sweep::background(
+                upstream.clone(),
+                sp,
+                Duration::from_secs(l3.sweep_interval_secs),
+                Duration::from_secs(l3.sweep_grace_secs),
+                l3.sweep_keys_per_sec,
+            ))
+        });
     let topo_task = tokio::spawn(upstream::topology::run(upstream));
     let admin_task = admin.map(|l| {
         if let Ok(a) = l.local_addr() {
@@ -171,5 +185,48 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if let Some(t) = admin_task {
         t.abort();
     }
+    if let Some(t) = sweeper {
+        t.abort();
+    }
     Ok(())
+}
+
+/// `tierproxy sweep [--dry-run]`: two mark-and-sweep passes (an object is deleted only if
+/// both found it unreferenced and older than the grace period), then exit.
+pub async fn sweep(cfg: Config, dry_run: bool) -> Result<spill::sweep::Report, StartError> {
+    if !cfg.l3.enabled {
+        return Err(StartError::Config(
+            "l3.enabled: the spill is not enabled".into(),
+        ));
+    }
+    let upstream = upstream::Upstream::new(&cfg, None);
+    let topo = tokio::spawn(upstream::topology::run(upstream.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while upstream.topology().is_err() {
+        if Instant::now() > deadline {
+            topo.abort();
+            return Err(StartError::Upstream(upstream.last_error()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sp = spill::Spill::new(&cfg.l3).await?;
+    let l3 = &cfg.l3;
+    let grace = Duration::from_secs(l3.sweep_grace_secs);
+    let run = async {
+        let (_, first) =
+            spill::sweep::pass(&upstream, &sp, grace, l3.sweep_keys_per_sec, None, true).await?;
+        let (report, _) = spill::sweep::pass(
+            &upstream,
+            &sp,
+            grace,
+            l3.sweep_keys_per_sec,
+            Some(&first),
+            dry_run,
+        )
+        .await?;
+        Ok::<_, error::Error>(report)
+    };
+    let result = run.await.map_err(|e| StartError::Upstream(e.to_string()));
+    topo.abort();
+    result
 }

@@ -29,6 +29,18 @@ struct Cli {
     /// Validate the configuration and exit (0 = valid).
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Delete spilled objects no stub refers to (two mark-and-sweep passes), then exit.
+    Sweep {
+        /// Report what would be deleted, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn init_logging(cfg: &Config) {
@@ -81,6 +93,28 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    if let Some(Command::Sweep { dry_run }) = cli.command {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("tierproxy: cannot start runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(tierproxy::sweep(cfg, dry_run)) {
+            Ok(report) => {
+                println!("tierproxy sweep: {report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tierproxy sweep: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

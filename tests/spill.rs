@@ -487,3 +487,74 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
         [b"*2\r\n".to_vec(), bulk(&v2), bulk(&v2)].concat()
     );
 }
+
+#[test]
+fn the_sweeper_deletes_only_unreferenced_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        cfg,
+        "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\nsweep_interval_secs = 0\nsweep_grace_secs = 0\nsweep_keys_per_sec = 1000000\n",
+        dir.path().display()
+    )
+    .unwrap();
+    let cfg_path = cfg.path().to_str().unwrap().to_string();
+    let px = Proxy::start(&shared_cluster().seeds(), &["--config", &cfg_path], &[]);
+    let mut c = Resp::connect(&px.addr());
+    let t = tag("sweep");
+    let (live, copy, over, exp) = (
+        format!("{t}live"),
+        format!("{t}copy"),
+        format!("{t}over"),
+        format!("{t}exp"),
+    );
+    let (v_live, v_old, v_new, v_exp) = (
+        random(THRESHOLD * 2, 21),
+        random(THRESHOLD * 2, 22),
+        random(THRESHOLD * 2, 23),
+        random(THRESHOLD * 2, 24),
+    );
+    c.cmd_bytes(&[b"SET", live.as_bytes(), &v_live]);
+    // A direct client duplicates the stub, then the original goes: the object stays referenced.
+    assert_eq!(
+        direct().cmd(&[b"COPY", live.as_bytes(), copy.as_bytes()]),
+        b":1\r\n"
+    );
+    c.cmd(&["DEL", &live]);
+    c.cmd_bytes(&[b"SET", over.as_bytes(), &v_old]);
+    c.cmd_bytes(&[b"SET", over.as_bytes(), &v_new]); // v_old's object is now garbage
+    c.cmd_bytes(&[b"SET", exp.as_bytes(), &v_exp, b"PX", b"100"]); // garbage once expired
+    assert_eq!(objects(dir.path()), 4);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let sweep = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tierproxy"))
+            .args([
+                "--config",
+                &cfg_path,
+                "--upstream",
+                &shared_cluster().seeds().join(","),
+            ])
+            .arg("sweep")
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dry = sweep(&["--dry-run"]);
+    assert!(dry.contains("deleted=2 (dry run)"), "{dry}");
+    assert_eq!(objects(dir.path()), 4, "a dry run deletes nothing");
+    let real = sweep(&[]);
+    assert!(real.contains("deleted=2"), "{real}");
+    assert_eq!(objects(dir.path()), 2);
+    assert_eq!(c.cmd(&["GET", &copy]), bulk(&v_live));
+    assert_eq!(c.cmd(&["GET", &over]), bulk(&v_new));
+    assert_eq!(c.cmd(&["GET", &exp]), b"$-1\r\n");
+    // Nothing left to collect.
+    assert!(sweep(&[]).contains("deleted=0"));
+}

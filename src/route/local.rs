@@ -790,7 +790,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                     let ld = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
                     let ops = ld(&st.store_ops).max(1);
                     out.push_str(&format!(
-                        "spill_enabled:1\r\nspill_store:{}\r\nspill_threshold_bytes:{}\r\nspill_writes:{}\r\nspill_bytes_in:{}\r\nspill_bytes_stored:{}\r\nspill_reads:{}\r\nspill_bytes_out:{}\r\nspill_merged_reads:{}\r\nspill_errors:{}\r\nspill_discarded:{}\r\nspill_store_ops:{}\r\nspill_store_avg_ms:{:.2}\r\n",
+                        "spill_enabled:1\r\nspill_store:{}\r\nspill_threshold_bytes:{}\r\nspill_writes:{}\r\nspill_bytes_in:{}\r\nspill_bytes_stored:{}\r\nspill_reads:{}\r\nspill_bytes_out:{}\r\nspill_merged_reads:{}\r\nspill_errors:{}\r\nspill_discarded:{}\r\nspill_store_ops:{}\r\nspill_store_avg_ms:{:.2}\r\nspill_swept:{}\r\n",
                         sp.store.describe(),
                         sp.threshold,
                         ld(&st.writes),
@@ -803,6 +803,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                         ld(&st.discarded),
                         ld(&st.store_ops),
                         ld(&st.store_ms_total) as f64 / ops as f64,
+                        ld(&st.swept),
                     ));
                 }
                 None => out.push_str("spill_enabled:0\r\n"),

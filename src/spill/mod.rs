@@ -10,6 +10,7 @@
 
 pub mod store;
 pub mod stub;
+pub mod sweep;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,8 @@ pub struct SpillStats {
     pub discarded: AtomicU64,
     pub store_ms_total: AtomicU64,
     pub store_ops: AtomicU64,
+    /// Unreferenced objects deleted by the sweeper.
+    pub swept: AtomicU64,
 }
 
 type Waiters = Vec<oneshot::Sender<Result<Bytes, SpillError>>>;
@@ -90,6 +93,10 @@ impl Spill {
             inflight: Mutex::new(HashMap::new()),
             stats: SpillStats::default(),
         })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// Whether a value written by a client must not go to Redis as it is.

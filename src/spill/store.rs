@@ -10,6 +10,7 @@
 //!   own timeouts and retries, inside the spill's overall timeout.
 
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -54,6 +55,14 @@ impl Store {
         match self {
             Store::Dir(d) => d.delete(name).await,
             Store::S3(s) => s.delete(name).await,
+        }
+    }
+
+    /// Every object under `prefix`, with its last-modified time (for the sweeper).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        match self {
+            Store::Dir(d) => d.list(prefix).await,
+            Store::S3(s) => s.list(prefix).await,
         }
     }
 }
@@ -254,6 +263,29 @@ impl S3Store {
             .map_err(|e| StoreError::Io(format!("S3 GetObject body: {e}")))
     }
 
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| s3_err("ListObjectsV2", e))?;
+            for o in page.contents() {
+                let Some(key) = o.key() else { continue };
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                out.push((key.to_string(), modified));
+            }
+        }
+        Ok(out)
+    }
+
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
         self.client
             .delete_object()
@@ -309,6 +341,41 @@ impl DirStore {
             }
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let root = self.root.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let p = e.path();
+                    let Ok(meta) = e.metadata() else { continue };
+                    if meta.is_dir() {
+                        stack.push(p);
+                        continue;
+                    }
+                    let Ok(rel) = p.strip_prefix(&root) else {
+                        continue;
+                    };
+                    let name = rel.to_string_lossy().replace('\\', "/");
+                    // Our own files (the signing key) start with '.'; leftovers of
+                    // interrupted writes (`*.tmpPID`) are garbage like any other object.
+                    if name.starts_with('.') || !name.starts_with(&prefix) {
+                        continue;
+                    }
+                    out.push((name, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))
     }
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
