@@ -368,25 +368,86 @@ fn forged_stubs_are_errors_and_stub_looking_values_read_back() {
 }
 
 #[test]
-fn writes_that_would_corrupt_a_stub_are_refused() {
+fn append_and_setrange_on_spilled_values_lose_no_concurrent_write() {
     let mut c = conn();
     let k = format!("{}rmw", tag("rmw"));
-    c.cmd_bytes(&[b"SET", k.as_bytes(), &random(THRESHOLD * 2, 3)]);
-    assert!(c
-        .cmd(&["APPEND", &k, "x"])
-        .starts_with(b"-ERR tierproxy: APPEND on a spilled value"));
-    assert!(c
-        .cmd(&["SETRANGE", &k, "0", "x"])
-        .starts_with(b"-ERR tierproxy: SETRANGE on a spilled value"));
+    let v = random(THRESHOLD * 2, 3);
+    c.cmd_bytes(&[b"SET", k.as_bytes(), &v]);
+    let mut want = v.clone();
+    want.extend_from_slice(b"xyz");
+    assert_eq!(
+        c.cmd(&["APPEND", &k, "xyz"]),
+        format!(":{}\r\n", want.len()).into_bytes()
+    );
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&want));
+    want[10..13].copy_from_slice(b"ABC");
+    assert_eq!(
+        c.cmd(&["SETRANGE", &k, "10", "ABC"]),
+        format!(":{}\r\n", want.len()).into_bytes()
+    );
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&want));
+    // Past the end: zero-padded, as Redis does.
+    let end = want.len() + 5;
+    want.resize(end, 0);
+    want.extend_from_slice(b"!");
+    assert_eq!(
+        c.cmd(&["SETRANGE", &k, &end.to_string(), "!"]),
+        format!(":{}\r\n", want.len()).into_bytes()
+    );
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&want));
     assert_eq!(
         c.cmd(&["INCR", &k]),
         b"-ERR value is not an integer or out of range\r\n"
     );
-    // On ordinary values they work as always.
+    assert!(
+        direct().cmd(&[b"STRLEN", k.as_bytes()]).len() < 8,
+        "still a stub in Redis"
+    );
+
+    // Four clients append concurrently: every append lands (optimistic retries).
+    let base = want.len();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let k = k.clone();
+            std::thread::spawn(move || {
+                let mut c = conn();
+                for _ in 0..10 {
+                    let r = c.cmd(&["APPEND", &k, &i.to_string()]);
+                    assert!(r.starts_with(b":"), "{}", String::from_utf8_lossy(&r));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        c.cmd(&["STRLEN", &k]),
+        format!(":{}\r\n", base + 40).into_bytes()
+    );
+    let all = c.cmd(&["GET", &k]);
+    for i in 0..4u8 {
+        let n = all[all.len() - 42..]
+            .iter()
+            .filter(|&&b| b == b'0' + i)
+            .count();
+        assert_eq!(n, 10, "appends of client {i}");
+    }
+    // Ordinary values: Redis's own behaviour and errors.
     let s = format!("{}plain", tag("rmw"));
     assert_eq!(c.cmd(&["APPEND", &s, "ab"]), b":2\r\n");
     assert_eq!(c.cmd(&["SETRANGE", &s, "1", "X"]), b":2\r\n");
     assert_eq!(c.cmd(&["GET", &s]), b"$2\r\naX\r\n");
+    assert_eq!(
+        c.cmd(&["SETRANGE", &s, "-1", "X"]),
+        b"-ERR offset is out of range\r\n"
+    );
+    let l = format!("{}list", tag("rmw"));
+    c.cmd(&["RPUSH", &l, "x"]);
+    assert_eq!(
+        c.cmd(&["APPEND", &l, "x"]),
+        b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+    );
 }
 
 #[test]

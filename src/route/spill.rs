@@ -163,8 +163,7 @@ pub fn resolving(px: &Arc<Proxy>, proto: Proto, p: Pending) -> Pending {
 
 /// STRLEN, GETRANGE, SUBSTR, APPEND, SETRANGE on a key that may hold a stub. The key's
 /// first bytes tell: STRLEN of a stub comes from the stub (no store read); a range is
-/// cut from the resolved value; APPEND/SETRANGE on a spilled value are refused rather
-/// than corrupting the stub.
+/// cut from the resolved value; APPEND/SETRANGE become an optimistic read-modify-write.
 pub async fn string_op(
     px: &Arc<Proxy>,
     proto: Proto,
@@ -174,6 +173,9 @@ pub async fn string_op(
 ) -> Pending {
     let key = req.args[1].clone();
     let target = Target::Slot(key_slot(&key));
+    if name == "append" || name == "setrange" {
+        return guarded_write(px, proto, hint, name, req, target).await;
+    }
     let probe = command_bytes(&[
         &b"GETRANGE"[..],
         &key,
@@ -205,10 +207,6 @@ pub async fn string_op(
                     .map(Value::Raw);
             }
             match name.as_str() {
-                "append" | "setrange" => Err(Error::proxy(format!(
-                    "{} on a spilled value is not supported yet",
-                    name.to_ascii_uppercase()
-                ))),
                 "strlen" => {
                     // An object stub fits in the probe; a long inline envelope does not.
                     let parsed = match spill.parse(&head_val) {
@@ -268,6 +266,187 @@ pub async fn string_op(
         .await;
         r.unwrap_or_else(|e| e.to_reply())
     }))
+}
+
+/// APPEND/SETRANGE run as a script that first checks, atomically on the server, that the
+/// value is not a stub (a check followed by a plain write could race another client's
+/// spilled SET and corrupt its stub). `pcall` keeps Redis's own error texts.
+const GUARDED_WRITE: &str = "local head = redis.pcall('GETRANGE', KEYS[1], 0, 3) \
+if head == ARGV[1] then return redis.error_reply('TIERPROXY_SPILLED') end \
+if ARGV[2] == 'append' then return redis.pcall('APPEND', KEYS[1], ARGV[3]) end \
+return redis.pcall('SETRANGE', KEYS[1], ARGV[3], ARGV[4])";
+
+async fn guarded_write(
+    px: &Arc<Proxy>,
+    proto: Proto,
+    hint: usize,
+    name: &str,
+    req: Request,
+    target: Target,
+) -> Pending {
+    let mut script: Vec<&[u8]> = vec![
+        b"EVAL",
+        GUARDED_WRITE.as_bytes(),
+        b"1",
+        &req.args[1],
+        stub::MAGIC,
+        name.as_bytes(),
+    ];
+    script.extend(req.args[2..].iter().map(|a| &a[..]));
+    let ticket = px
+        .upstream
+        .start(target.clone(), command_bytes(&script), proto, hint)
+        .await;
+    let px = px.clone();
+    let name = name.to_string();
+    Pending::Later(Box::pin(async move {
+        let r = async {
+            let reply = px.upstream.finish(ticket).await?;
+            if crate::parse::reply::error_text(&reply).as_deref() != Some("ERR TIERPROXY_SPILLED") {
+                return Ok(Value::Raw(reply));
+            }
+            let spill = px
+                .spill
+                .as_ref()
+                .ok_or_else(|| Error::proxy("spill disabled"))?;
+            read_modify_write(&px, spill, &target, &name, &req.args).await
+        }
+        .await;
+        r.unwrap_or_else(|e| e.to_reply())
+    }))
+}
+
+/// Attempts before an APPEND/SETRANGE on a spilled value gives up under contention.
+const RMW_ATTEMPTS: usize = 16;
+/// Redis's limit on the length SETRANGE/APPEND may produce (512 MiB).
+const MAX_STRING: usize = 512 * 1024 * 1024;
+
+/// APPEND / SETRANGE on a value that is (or was a moment ago) spilled: an optimistic
+/// read-modify-write on a dedicated connection — WATCH, read and resolve, compute, store
+/// the new value, MULTI/SET KEEPTTL/EXEC — retried if another client wrote meanwhile, so
+/// no concurrent write is lost and the stub is never corrupted.
+async fn read_modify_write(
+    px: &Proxy,
+    spill: &Spill,
+    target: &Target,
+    name: &str,
+    args: &[Bytes],
+) -> Result<Value, Error> {
+    let key = &args[1];
+    let offset = if name == "setrange" {
+        match std::str::from_utf8(&args[2])
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+        {
+            Some(o) if o >= 0 => o as usize,
+            Some(_) => return Err(Error::redis("ERR offset is out of range")),
+            None => return Err(Error::redis("ERR value is not an integer or out of range")),
+        }
+    } else {
+        0
+    };
+    let node = px.upstream.resolve_target(target)?;
+    let conn = px.upstream.dedicated(&node, Proto::Resp2).await?;
+    let upstream_err = |source| Error::Upstream {
+        addr: node.addr.to_string(),
+        source,
+    };
+    let ask = |cmd: Bytes| {
+        let rx = conn.send(cmd, 0);
+        let timeout = px.upstream.settings.request_timeout;
+        async move {
+            let rx = rx.map_err(upstream_err)?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(Ok(r))) => Ok(r),
+                Ok(Ok(Err(e))) => Err(upstream_err(e)),
+                Ok(Err(_)) => Err(upstream_err(crate::error::UpstreamError::ConnectionLost)),
+                Err(_) => Err(upstream_err(crate::error::UpstreamError::Timeout(
+                    timeout.as_millis() as u64,
+                ))),
+            }
+        }
+    };
+    for _ in 0..RMW_ATTEMPTS {
+        let watch = ask(command_bytes(&[&b"WATCH"[..], key]));
+        let get = ask(command_bytes(&[&b"GET"[..], key]));
+        let (w, g) = (watch.await?, get.await?);
+        if is_error(&w) {
+            return Ok(Value::Raw(w));
+        }
+        if is_error(&g) {
+            ask(command_bytes(&[b"UNWATCH"])).await?;
+            return Ok(Value::Raw(g));
+        }
+        let current = match as_str(&g) {
+            Some(v) => spill
+                .resolve(Bytes::copy_from_slice(v))
+                .await
+                .map_err(|e| Error::proxy(e.to_string()))?,
+            None => Bytes::new(),
+        };
+        let mut next = current.to_vec();
+        match name {
+            "append" => next.extend_from_slice(&args[2]),
+            _ => {
+                let value = &args[3];
+                if value.is_empty() {
+                    ask(command_bytes(&[b"UNWATCH"])).await?;
+                    return Ok(Value::Int(current.len() as i64));
+                }
+                if offset + value.len() > MAX_STRING {
+                    ask(command_bytes(&[b"UNWATCH"])).await?;
+                    return Err(Error::redis(
+                        "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
+                    ));
+                }
+                if next.len() < offset + value.len() {
+                    next.resize(offset + value.len(), 0);
+                }
+                next[offset..offset + value.len()].copy_from_slice(value);
+            }
+        }
+        if next.len() > MAX_STRING {
+            ask(command_bytes(&[b"UNWATCH"])).await?;
+            return Err(Error::redis(
+                "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
+            ));
+        }
+        let new_len = next.len();
+        let next = Bytes::from(next);
+        let (stored, object) = if spill.must_wrap(&next) {
+            match spill.wrap(next).await {
+                Ok(x) => x,
+                Err(e) => {
+                    ask(command_bytes(&[b"UNWATCH"])).await?;
+                    return Err(Error::proxy(e.to_string()));
+                }
+            }
+        } else {
+            (next, None)
+        };
+        let multi = ask(command_bytes(&[b"MULTI"]));
+        let set = ask(command_bytes(&[&b"SET"[..], key, &stored, b"KEEPTTL"]));
+        let exec = ask(command_bytes(&[b"EXEC"]));
+        let (_, _, e) = (multi.await?, set.await?, exec.await?);
+        if e.starts_with(b"*-1") || e.starts_with(b"_") {
+            // Someone wrote the key meanwhile: our object was never referenced.
+            if let Some(o) = object {
+                spill.discard(&o).await;
+            }
+            continue;
+        }
+        if is_error(&e) {
+            if let Some(o) = object {
+                spill.discard(&o).await;
+            }
+            return Ok(Value::Raw(e));
+        }
+        return Ok(Value::Int(new_len as i64));
+    }
+    Err(Error::proxy(format!(
+        "{} on a spilled value: too much contention ({RMW_ATTEMPTS} attempts)",
+        name.to_ascii_uppercase()
+    )))
 }
 
 /// Redis's GETRANGE arithmetic.
