@@ -19,6 +19,12 @@ pub const L1_INVALIDATIONS: &str = "tierproxy_l1_invalidations_total";
 pub const L1_FLUSHES: &str = "tierproxy_l1_flushes_total";
 pub const L1_FILLS_RACED: &str = "tierproxy_l1_fills_raced_total";
 pub const L1_MERGED: &str = "tierproxy_l1_merged_reads_total";
+pub const SPILL_WRITES: &str = "tierproxy_spill_writes_total";
+pub const SPILL_BYTES: &str = "tierproxy_spill_bytes_total";
+pub const SPILL_ERRORS: &str = "tierproxy_spill_errors_total";
+pub const SPILL_STORE_SECONDS: &str = "tierproxy_spill_store_seconds_total";
+pub const SPILL_STORE_OPS: &str = "tierproxy_spill_store_operations_total";
+pub const SPILL_SWEPT: &str = "tierproxy_spill_swept_total";
 pub const COMMANDS: &str = "tierproxy_commands_total";
 pub const ERRORS: &str = "tierproxy_error_replies_total";
 pub const PROTOCOL_ERRORS: &str = "tierproxy_protocol_errors_total";
@@ -62,6 +68,18 @@ pub fn install() -> Option<PrometheusHandle> {
         L1_MERGED,
         "L1 misses that waited for an identical read already in flight."
     );
+    describe_counter!(SPILL_WRITES, "Values spilled to the store.");
+    describe_counter!(SPILL_BYTES, "Spill bytes (direction=in: client values spilled; stored: after compression; out: resolved for clients).");
+    describe_counter!(SPILL_ERRORS, "Spill store failures and invalid stubs.");
+    describe_counter!(
+        SPILL_STORE_SECONDS,
+        "Time spent in spill store calls (with _operations_total: mean latency)."
+    );
+    describe_counter!(SPILL_STORE_OPS, "Spill store calls.");
+    describe_counter!(
+        SPILL_SWEPT,
+        "Unreferenced spilled objects deleted by the sweeper."
+    );
     describe_counter!(COMMANDS, "Commands received from clients.");
     describe_counter!(ERRORS, "Error replies sent to clients.");
     describe_counter!(
@@ -93,6 +111,18 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
     gauge!(CLIENTS).set(px.clients.len() as f64);
     gauge!(UPSTREAM_CONNECTIONS).set(px.upstream.total_connections() as f64);
     counter!(TOPOLOGY_REFRESHES).absolute(px.upstream.refreshes.load(Ordering::Relaxed));
+    if let Some(sp) = &px.spill {
+        let st = &sp.stats;
+        counter!(CACHE_HITS, "level" => "l3").absolute(ld(&st.reads));
+        counter!(SPILL_WRITES).absolute(ld(&st.writes));
+        counter!(SPILL_BYTES, "direction" => "in").absolute(ld(&st.bytes_in));
+        counter!(SPILL_BYTES, "direction" => "stored").absolute(ld(&st.bytes_stored));
+        counter!(SPILL_BYTES, "direction" => "out").absolute(ld(&st.bytes_out));
+        counter!(SPILL_ERRORS).absolute(ld(&st.errors));
+        counter!(SPILL_STORE_SECONDS).absolute(ld(&st.store_ms_total) / 1000);
+        counter!(SPILL_STORE_OPS).absolute(ld(&st.store_ops));
+        counter!(SPILL_SWEPT).absolute(ld(&st.swept));
+    }
     if let Some(l1) = &px.l1 {
         let st = &l1.stats;
         counter!(CACHE_HITS, "level" => "l1").absolute(ld(&st.hits));

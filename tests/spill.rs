@@ -120,9 +120,16 @@ fn info_field(c: &mut Resp, name: &str) -> i64 {
 fn round_trips_around_the_threshold_and_large() {
     let mut c = conn();
     let t = tag("sizes");
-    for (i, n) in [THRESHOLD - 1, THRESHOLD, THRESHOLD + 1, 1 << 20, 20 << 20]
-        .into_iter()
-        .enumerate()
+    for (i, n) in [
+        THRESHOLD - 1,
+        THRESHOLD,
+        THRESHOLD + 1,
+        1 << 20,
+        20 << 20,
+        100 << 20,
+    ]
+    .into_iter()
+    .enumerate()
     {
         for (kind, value) in [("random", random(n, i as u64 + 1)), ("zeros", vec![0u8; n])] {
             let k = format!("{t}{n}-{kind}");
@@ -618,4 +625,29 @@ fn the_sweeper_deletes_only_unreferenced_objects() {
     assert_eq!(c.cmd(&["GET", &exp]), b"$-1\r\n");
     // Nothing left to collect.
     assert!(sweep(&[]).contains("deleted=0"));
+}
+
+#[test]
+fn lcs_refuses_spilled_values_and_prometheus_counts_the_spill() {
+    let mut c = conn();
+    let t = tag("lcs");
+    let (a, b, big) = (format!("{t}a"), format!("{t}b"), format!("{t}big"));
+    c.cmd(&["SET", &a, "ohmytext"]);
+    c.cmd(&["SET", &b, "mynewtext"]);
+    assert_eq!(c.cmd(&["LCS", &a, &b]), b"$6\r\nmytext\r\n");
+    assert_eq!(c.cmd(&["LCS", &a, &b, "LEN"]), b":6\r\n");
+    c.cmd_bytes(&[b"SET", big.as_bytes(), &random(THRESHOLD * 2, 77)]);
+    assert_eq!(
+        c.cmd(&["LCS", &a, &big]),
+        b"-ERR tierproxy: LCS on a spilled value is not supported\r\n"
+    );
+    let (status, body) = setup().proxy.admin_get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "tierproxy_spill_writes_total",
+        "tierproxy_spill_bytes_total{direction=\"stored\"}",
+        "tierproxy_cache_hits_total{level=\"l3\"}",
+    ] {
+        assert!(body.contains(name), "{name} missing from\n{body}");
+    }
 }

@@ -130,6 +130,13 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
             _ => p,
         };
     }
+    if name == "lcs" {
+        // Routed like any two-key command: CROSSSLOT first, as Redis Cluster would.
+        if let Err(e) = target_for(px, &info.key_indices(&req.args), &req.args) {
+            return Pending::error(e);
+        }
+        return spill::lcs(px, sess.proto, sess.hint(), req).await;
+    }
     if !spill::value_positions(&name, req.args.len()).is_empty() {
         let original_args = req.args.clone();
         let (req, objects) = match spill::prepare_write(&spill, &name, req).await {

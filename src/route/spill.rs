@@ -276,6 +276,44 @@ if head == ARGV[1] then return redis.error_reply('TIERPROXY_SPILLED') end \
 if ARGV[2] == 'append' then return redis.pcall('APPEND', KEYS[1], ARGV[3]) end \
 return redis.pcall('SETRANGE', KEYS[1], ARGV[3], ARGV[4])";
 
+/// LCS compares the values Redis holds: on a stub it would compare stub bytes. A script
+/// checks both keys atomically and runs LCS only when neither is spilled.
+const GUARDED_LCS: &str = "for i = 1, 2 do \
+local head = redis.pcall('GETRANGE', KEYS[i], 0, 3) \
+if head == ARGV[1] then return redis.error_reply('TIERPROXY_SPILLED') end end \
+return redis.pcall('LCS', KEYS[1], KEYS[2], unpack(ARGV, 2))";
+
+/// LCS with the spill on: Redis's reply, or a clear error if either value is spilled.
+pub async fn lcs(px: &Arc<Proxy>, proto: Proto, hint: usize, req: Request) -> Pending {
+    let target = Target::Slot(key_slot(&req.args[1]));
+    let mut script: Vec<&[u8]> = vec![
+        b"EVAL",
+        GUARDED_LCS.as_bytes(),
+        b"2",
+        &req.args[1],
+        &req.args[2],
+        stub::MAGIC,
+    ];
+    script.extend(req.args[3..].iter().map(|a| &a[..]));
+    let ticket = px
+        .upstream
+        .start(target, command_bytes(&script), proto, hint)
+        .await;
+    let px = px.clone();
+    Pending::Later(Box::pin(async move {
+        match px.upstream.finish(ticket).await {
+            Ok(r)
+                if crate::parse::reply::error_text(&r).as_deref()
+                    == Some("ERR TIERPROXY_SPILLED") =>
+            {
+                Error::proxy("LCS on a spilled value is not supported").to_reply()
+            }
+            Ok(r) => Value::Raw(r),
+            Err(e) => e.to_reply(),
+        }
+    }))
+}
+
 async fn guarded_write(
     px: &Arc<Proxy>,
     proto: Proto,
