@@ -93,17 +93,17 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&cfg);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tierproxy: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(Command::Sweep { dry_run }) = cli.command {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("tierproxy: cannot start runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
         return match rt.block_on(tierproxy::sweep(cfg, dry_run)) {
             Ok(report) => {
                 println!("tierproxy sweep: {report}");
@@ -115,16 +115,6 @@ fn main() -> ExitCode {
             }
         };
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tierproxy: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match rt.block_on(tierproxy::run(cfg, shutdown_signal())) {
         Ok(()) => {
             rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -16,14 +16,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame as F;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
 use super::L1;
 use crate::error::UpstreamError;
 use crate::parse::reply::frame_len;
 use crate::respond::{command_bytes, Proto};
-use crate::upstream::conn::{handshake, read_one, Handshake};
+use crate::upstream::conn::{connect_tcp, handshake, read_one, Handshake};
 
 pub struct Invalidator {
     pub id: i64,
@@ -53,12 +52,7 @@ pub async fn start(
     on_lost: impl Fn() + Send + Sync + 'static,
 ) -> Result<Invalidator, UpstreamError> {
     let ms = timeout.as_millis() as u64;
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| UpstreamError::ConnectTimeout(ms))?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = connect_tcp(addr, timeout).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let hs = Handshake {
         client_name: Some("tierproxy-invalidations".into()),

@@ -115,6 +115,17 @@ pub fn split_aggregate(reply: &Bytes) -> Option<Vec<Bytes>> {
     Some(items)
 }
 
+/// A SCAN-family reply (`[cursor, [element…]]`): the next cursor and the elements.
+pub fn scan_reply(raw: &Bytes) -> Option<(Bytes, Vec<Bytes>)> {
+    let parts = split_aggregate(raw)?;
+    let cursor = Bytes::copy_from_slice(as_str(parts.first()?)?);
+    let items = split_aggregate(parts.get(1)?)?
+        .iter()
+        .filter_map(|m| as_str(m).map(Bytes::copy_from_slice))
+        .collect();
+    Some((cursor, items))
+}
+
 /// The integer of a `:N` reply.
 pub fn as_int(reply: &[u8]) -> Option<i64> {
     if reply.first() != Some(&b':') {

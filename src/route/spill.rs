@@ -212,18 +212,7 @@ pub async fn string_op(
                     let parsed = match spill.parse(&head_val) {
                         Some(Ok(s)) => s,
                         _ => {
-                            let full = px
-                                .upstream
-                                .call(
-                                    target,
-                                    command_bytes(&[&b"GET"[..], &key]),
-                                    Proto::Resp2,
-                                    hint,
-                                )
-                                .await?;
-                            let v = as_str(&full)
-                                .map(Bytes::copy_from_slice)
-                                .unwrap_or_default();
+                            let v = whole_value(&px, target, &key, hint).await?;
                             match spill.parse(&v) {
                                 Some(Ok(s)) => s,
                                 Some(Err(e)) => return Err(Error::proxy(e.to_string())),
@@ -235,18 +224,7 @@ pub async fn string_op(
                 }
                 _ => {
                     // GETRANGE / SUBSTR key start end on the resolved value.
-                    let full = px
-                        .upstream
-                        .call(
-                            target,
-                            command_bytes(&[&b"GET"[..], &key]),
-                            Proto::Resp2,
-                            hint,
-                        )
-                        .await?;
-                    let v = as_str(&full)
-                        .map(Bytes::copy_from_slice)
-                        .unwrap_or_default();
+                    let v = whole_value(&px, target, &key, hint).await?;
                     let value = spill
                         .resolve(v)
                         .await
@@ -266,6 +244,18 @@ pub async fn string_op(
         .await;
         r.unwrap_or_else(|e| e.to_reply())
     }))
+}
+
+/// The value Redis holds for `key` (empty if none), as raw bytes.
+async fn whole_value(px: &Proxy, target: Target, key: &Bytes, hint: usize) -> Result<Bytes, Error> {
+    let cmd = command_bytes(&[&b"GET"[..], key]);
+    let full = px.upstream.call(target, cmd, Proto::Resp2, hint).await?;
+    if let Some(e) = crate::parse::reply::error_text(&full) {
+        return Err(Error::redis(e));
+    }
+    Ok(as_str(&full)
+        .map(Bytes::copy_from_slice)
+        .unwrap_or_default())
 }
 
 /// APPEND/SETRANGE run as a script that first checks, atomically on the server, that the
@@ -383,6 +373,7 @@ async fn read_modify_write(
     } else {
         0
     };
+    let _turn = spill.rmw_lock(key).lock().await;
     let node = px.upstream.resolve_target(target)?;
     let conn = px.upstream.dedicated(&node, Proto::Resp2).await?;
     let upstream_err = |source| Error::Upstream {
@@ -404,7 +395,14 @@ async fn read_modify_write(
             }
         }
     };
-    for _ in 0..RMW_ATTEMPTS {
+    for attempt in 0..RMW_ATTEMPTS {
+        if attempt > 0 {
+            // Another proxy or a direct client won the race: back off with jitter so
+            // competing writers do not retry in lockstep.
+            let cap = 1u64 << attempt.min(6);
+            let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
         let watch = ask(command_bytes(&[&b"WATCH"[..], key]));
         let get = ask(command_bytes(&[&b"GET"[..], key]));
         let (w, g) = (watch.await?, get.await?);

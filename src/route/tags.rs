@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::Pending;
 use crate::client::session::Session;
 use crate::error::Error;
-use crate::parse::reply::{as_int, as_str, error_text, split_aggregate};
+use crate::parse::reply::{as_int, error_text, scan_reply};
 use crate::respond::{command_bytes, Proto, Value};
 use crate::upstream::{key_slot, Target};
 use crate::Proxy;
@@ -97,19 +97,8 @@ async fn invalidate_tag(px: &Proxy, hint: usize, tag: &[u8]) -> Result<i64, Erro
         if let Some(e) = reply_err(&raw) {
             return Err(e);
         }
-        let parts = split_aggregate(&raw).ok_or_else(|| Error::proxy("unexpected SSCAN reply"))?;
-        let next = parts
-            .first()
-            .and_then(|c| as_str(c))
-            .map(Bytes::copy_from_slice)
-            .ok_or_else(|| Error::proxy("unexpected SSCAN cursor"))?;
-        let members: Vec<Bytes> = parts
-            .get(1)
-            .and_then(split_aggregate)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|m| as_str(m).map(Bytes::copy_from_slice))
-            .collect();
+        let (next, members) =
+            scan_reply(&raw).ok_or_else(|| Error::proxy("unexpected SSCAN reply"))?;
         if !members.is_empty() {
             let mut by_slot: BTreeMap<u16, Vec<Bytes>> = BTreeMap::new();
             for m in &members {

@@ -26,6 +26,8 @@ use crate::error::StartError;
 use store::{DirStore, Store, StoreError};
 use stub::{Body, Codec, Stub, StubError};
 
+const RMW_STRIPES: usize = 256;
+
 /// Compression runs on the blocking pool above this size, not on a runtime worker.
 const BLOCKING_ABOVE: usize = 64 * 1024;
 
@@ -65,6 +67,9 @@ pub struct Spill {
     timeout: Duration,
     pub store: Store,
     inflight: Mutex<HashMap<String, Waiters>>,
+    /// Read-modify-writes of one key through this proxy take turns (striped by key hash):
+    /// optimistic retries then only race other proxies and direct clients.
+    rmw_locks: Vec<tokio::sync::Mutex<()>>,
     pub stats: SpillStats,
 }
 
@@ -91,12 +96,24 @@ impl Spill {
             timeout: Duration::from_millis(cfg.timeout_ms),
             store,
             inflight: Mutex::new(HashMap::new()),
+            rmw_locks: (0..RMW_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             stats: SpillStats::default(),
         })
     }
 
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The lock a read-modify-write of `key` holds while it runs.
+    pub fn rmw_lock(&self, key: &[u8]) -> &tokio::sync::Mutex<()> {
+        // FNV-1a: a fixed hash, so every request for a key picks the same stripe.
+        let stripe = key.iter().fold(0xcbf29ce484222325u64, |a, &b| {
+            (a ^ b as u64).wrapping_mul(0x100000001b3)
+        });
+        &self.rmw_locks[(stripe as usize) % self.rmw_locks.len()]
     }
 
     /// Whether a value written by a client must not go to Redis as it is.

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::stub::{Body, MAX_OBJECT_STUB};
 use super::Spill;
 use crate::error::Error;
-use crate::parse::reply::{as_str, error_text, split_aggregate};
+use crate::parse::reply::{as_str, error_text, scan_reply};
 use crate::respond::{command_bytes, Proto};
 use crate::upstream::{Target, Upstream};
 
@@ -72,20 +72,8 @@ pub async fn mark(
             if let Some(e) = error_text(&raw) {
                 return Err(Error::redis(e));
             }
-            let parts =
-                split_aggregate(&raw).ok_or_else(|| Error::proxy("unexpected SCAN reply"))?;
-            let next = parts
-                .first()
-                .and_then(|c| as_str(c))
-                .map(Bytes::copy_from_slice)
-                .ok_or_else(|| Error::proxy("unexpected SCAN cursor"))?;
-            let keys: Vec<Bytes> = parts
-                .get(1)
-                .and_then(split_aggregate)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|k| as_str(k).map(Bytes::copy_from_slice))
-                .collect();
+            let (next, keys) =
+                scan_reply(&raw).ok_or_else(|| Error::proxy("unexpected SCAN reply"))?;
             let end = (MAX_OBJECT_STUB - 1).to_string();
             let mut tickets = Vec::with_capacity(keys.len());
             for k in &keys {

@@ -103,12 +103,7 @@ impl PipeConn {
         opts: ConnOpts,
     ) -> Result<PipeConn, UpstreamError> {
         let ms = timeout.as_millis() as u64;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout(ms))?
-            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
+        let (mut rd, mut wr) = connect_tcp(addr, timeout).await?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut extra = Vec::new();
         if let Some(id) = opts.tracking_redirect {
@@ -185,6 +180,25 @@ impl Drop for PipeConn {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A TCP connection to `addr` within `timeout`, Nagle off, split for reading and writing.
+pub(crate) async fn connect_tcp(
+    addr: &str,
+    timeout: Duration,
+) -> Result<
+    (
+        tokio::net::tcp::OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+    ),
+    UpstreamError,
+> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(timeout.as_millis() as u64))?
+        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream.into_split())
 }
 
 /// Authenticates, selects the protocol and names the connection, then runs `extra`
