@@ -736,3 +736,37 @@ fn ttl_coherence_is_bounded_by_max_ttl() {
     assert_eq!(s(c.cmd(&["SET", &k, "mine"])), "+OK\r\n");
     assert_eq!(s(c.cmd(&["GET", &k])), "$4\r\nmine\r\n");
 }
+
+#[test]
+fn a_pipelined_read_after_a_write_sees_it_despite_concurrent_readers() {
+    let k = format!("{}ryw", tag("pipe-ryw"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (k, stop) = (k.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = Resp::connect(&a().addr());
+                while !stop.load(Ordering::Relaxed) {
+                    c.cmd(&["GET", &k]);
+                }
+            })
+        })
+        .collect();
+    let mut c = Resp::connect(&a().addr());
+    for i in 0..300 {
+        let v = i.to_string();
+        let mut batch = support::encode_cmd(&[b"SET", k.as_bytes(), v.as_bytes()]);
+        batch.extend(support::encode_cmd(&[b"GET", k.as_bytes()]));
+        c.send_raw(&batch);
+        assert_eq!(s(c.read_reply()), "+OK\r\n");
+        assert_eq!(
+            s(c.read_reply()),
+            format!("${}\r\n{v}\r\n", v.len()),
+            "round {i}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+}

@@ -382,3 +382,15 @@ fn a_client_leaving_while_blocked_frees_its_upstream_connection() {
     }
     assert_eq!(s(c.cmd(&["GET", "warm"])), "$1\r\n1\r\n");
 }
+
+#[test]
+fn a_blocking_command_is_not_overtaken_by_the_rest_of_its_pipeline() {
+    let mut c = Resp::connect(&proxy().addr());
+    let q = format!("{}q", tag("order"));
+    // On Redis itself the BLPOP runs (and times out) before the RPUSH behind it.
+    let mut batch = support::encode_cmd(&[b"BLPOP", q.as_bytes(), b"1"]);
+    batch.extend(support::encode_cmd(&[b"RPUSH", q.as_bytes(), b"x"]));
+    c.send_raw(&batch);
+    assert_eq!(s(c.read_reply()), "*-1\r\n");
+    assert_eq!(s(c.read_reply()), ":1\r\n");
+}

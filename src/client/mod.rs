@@ -51,10 +51,11 @@ pub async fn accept_loop(
                 tokio::spawn(async move {
                     let _permit = permit;
                     px.active.fetch_add(1, Ordering::AcqRel);
+                    // Released however the task ends (even by a panic).
+                    let _active = Release(&px);
                     if let Err(e) = serve(&px, sock, addr, shutdown).await {
                         tracing::debug!(client = %addr, error = %e, "client connection ended");
                     }
-                    px.active.fetch_sub(1, Ordering::AcqRel);
                 });
             }
             Err(_) => {
@@ -82,9 +83,24 @@ async fn serve(
     let entry = px.clients.register(addr, laddr, px.started);
     let id = entry.id;
     let mut sess = Session::new(entry, px.auth.required());
-    let result = conn_loop(px, sock, &mut sess, &mut shutdown).await;
-    px.clients.remove(id);
-    result
+    // CLIENT LIST forgets the connection however this task ends.
+    struct Unregister<'a>(&'a Proxy, u64);
+    impl Drop for Unregister<'_> {
+        fn drop(&mut self) {
+            self.0.clients.remove(self.1);
+        }
+    }
+    let _unregister = Unregister(px, id);
+    conn_loop(px, sock, &mut sess, &mut shutdown).await
+}
+
+/// Counts a served connection out of `Proxy::active` when dropped.
+struct Release<'a>(&'a Proxy);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn conn_loop(
@@ -138,6 +154,10 @@ async fn conn_loop(
             continue;
         }
 
+        // While replies are awaited the client socket is still watched: input is buffered
+        // for the next batch, and a client that went away abandons a blocking command
+        // instead of pinning its upstream connection until the command times out.
+        let mut client_gone = false;
         for req in reqs.drain(..) {
             let is_client_reply = req.args.len() == 3
                 && req.args[0].eq_ignore_ascii_case(b"client")
@@ -152,43 +172,40 @@ async fn conn_loop(
                 }
                 before != ReplyMode::On
             };
+            // A deferred command reaches the upstream only when awaited: resolve it (and
+            // everything before it) before the next command is dispatched, so that no
+            // later command of the pipeline overtakes it.
+            let barrier = p.is_deferred();
             pending.push((p, sess.proto, silent));
+            if barrier {
+                let drained = drain(
+                    px,
+                    &mut pending,
+                    &mut out,
+                    &mut rd,
+                    &mut inbuf,
+                    &mut client_gone,
+                )
+                .await;
+                if !drained {
+                    return Ok(());
+                }
+            }
             if sess.closing {
                 break;
             }
         }
-        // While replies are awaited the client socket is still watched: input is buffered
-        // for the next batch, and a client that went away abandons a blocking command
-        // instead of pinning its upstream connection until the command times out.
-        let mut client_gone = false;
-        for (p, proto, silent) in pending.drain(..) {
-            let blocking = p.is_blocking();
-            let resolve = p.resolve(px);
-            tokio::pin!(resolve);
-            let v = loop {
-                tokio::select! {
-                    biased;
-                    v = &mut resolve => break Some(v),
-                    r = rd.read_buf(&mut inbuf),
-                        if !client_gone && (inbuf.len() as u64) < cfg.query_buffer_limit => {
-                        if matches!(r, Ok(0) | Err(_)) {
-                            client_gone = true;
-                            if blocking {
-                                break None;
-                            }
-                        }
-                    }
-                }
-            };
-            let Some(v) = v else {
-                return Ok(());
-            };
-            if is_error_reply(&v) {
-                px.stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            if !silent {
-                v.encode(proto, &mut out);
-            }
+        if !drain(
+            px,
+            &mut pending,
+            &mut out,
+            &mut rd,
+            &mut inbuf,
+            &mut client_gone,
+        )
+        .await
+        {
+            return Ok(());
         }
         if let Some(e) = &parse_err {
             px.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +224,48 @@ async fn conn_loop(
             return Ok(());
         }
     }
+}
+
+/// Resolves the pending replies in order into `out`. False if the client went away while
+/// a blocking command waited (that command is abandoned, its connection closed).
+async fn drain(
+    px: &Arc<Proxy>,
+    pending: &mut Vec<(Pending, crate::respond::Proto, bool)>,
+    out: &mut BytesMut,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    inbuf: &mut BytesMut,
+    client_gone: &mut bool,
+) -> bool {
+    let limit = px.cfg.client.query_buffer_limit;
+    for (p, proto, silent) in pending.drain(..) {
+        let blocking = p.is_blocking();
+        let resolve = p.resolve(px);
+        tokio::pin!(resolve);
+        let v = loop {
+            tokio::select! {
+                biased;
+                v = &mut resolve => break Some(v),
+                r = rd.read_buf(inbuf), if !*client_gone && (inbuf.len() as u64) < limit => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        *client_gone = true;
+                        if blocking {
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(v) = v else {
+            return false;
+        };
+        if is_error_reply(&v) {
+            px.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if !silent {
+            v.encode(proto, out);
+        }
+    }
+    true
 }
 
 fn is_error_reply(v: &Value) -> bool {

@@ -125,6 +125,9 @@ pub struct L1 {
     admit_window_ms: u64,
     started: Instant,
     gens: Box<[AtomicU64]>,
+    /// Writes through this proxy in flight, per bucket: while one is, its keys are
+    /// neither served nor filled, and no read joins another's (it may predate the write).
+    writing: Box<[AtomicU32]>,
     epoch: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
     pub stats: L1Stats,
@@ -137,6 +140,23 @@ pub struct L1 {
 
 /// A leader's read in flight: the token it started with, and who waits for it.
 type InFlight = (FillToken, Vec<oneshot::Sender<Bytes>>);
+
+/// A write in flight through this proxy (see [`L1::begin_write`]).
+pub struct WriteGuard {
+    l1: Arc<L1>,
+    keys: Vec<Bytes>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        for k in &self.keys {
+            // Invalidate before lowering the count: a read that starts after this sees
+            // the new value upstream; one that started before cannot fill (generation).
+            self.l1.invalidate(k);
+            self.l1.writing[self.l1.bucket(k)].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 /// What a miss does: read upstream itself, or wait for an identical read in flight.
 pub enum Role {
@@ -209,6 +229,7 @@ impl L1 {
             admit_window_ms: cfg.admit_window_ms.max(1),
             started: Instant::now(),
             gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            writing: (0..GEN_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
             hasher: Default::default(),
             stats: L1Stats {
@@ -237,6 +258,15 @@ impl L1 {
     /// only while nothing invalidated the key since the leader's read was sent: after a
     /// write acknowledged through this proxy, no read may be served an older value.
     pub fn lead_or_follow(self: &Arc<Self>, sig: &Bytes, key: &[u8]) -> Role {
+        if self.being_written(key) {
+            // A read in flight may predate the write: read alone, and do not register
+            // (the fill will be refused too).
+            return Role::Lead(LeadGuard {
+                l1: self.clone(),
+                sig: sig.clone(),
+                token: self.begin(key),
+            });
+        }
         let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((token, waiters)) = m.get_mut(sig) {
             if self.still_valid(token) {
@@ -272,7 +302,8 @@ impl L1 {
 
     /// The cached reply to exactly this request, if any.
     pub fn get(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Bytes> {
-        if self.is_disabled() {
+        if self.is_disabled() || self.being_written(key) {
+            self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let found = self.cache.get(key).and_then(|e| {
@@ -349,7 +380,7 @@ impl L1 {
         if ttl.is_zero() {
             return;
         }
-        if !self.still_valid(&token) {
+        if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -372,13 +403,30 @@ impl L1 {
                 expires_at: now + ttl,
             },
         );
-        if !self.still_valid(&token) {
+        if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
             // An invalidation raced the insert: it may have run before the insert landed.
             self.cache.invalidate(&key);
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return;
         }
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn being_written(&self, key: &[u8]) -> bool {
+        self.writing[self.bucket(key)].load(Ordering::SeqCst) > 0
+    }
+
+    /// Marks `keys` as being written through this proxy until the guard is dropped (when
+    /// the write's reply is in): invalidated now and again then.
+    pub fn begin_write(self: &Arc<Self>, keys: Vec<Bytes>) -> WriteGuard {
+        for k in &keys {
+            self.writing[self.bucket(k)].fetch_add(1, Ordering::SeqCst);
+            self.invalidate(k);
+        }
+        WriteGuard {
+            l1: self.clone(),
+            keys,
+        }
     }
 
     /// Drops every cached reply about `key`, and stops in-flight reads from caching it.

@@ -181,6 +181,8 @@ impl CommandInfo {
                         continue;
                     };
                     let first = first + firstkey;
+                    // n comes from the client: never past the arguments (no overflow).
+                    let n = n.min(argc);
                     (first, first + n - 1, *keystep)
                 }
             };

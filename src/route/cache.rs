@@ -246,34 +246,26 @@ fn count_l2(l1: &L1, reply: &[u8]) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Runs a write and invalidates its keys again once it is acknowledged, before the reply
-/// leaves: a read of the key that was in flight alongside the write can then neither
-/// stay cached nor be cached later (its fill sees the bumped generation).
+/// Runs a write with its keys marked as being written (see [`L1::begin_write`]) until
+/// it is acknowledged, so no read can be served, joined or filled with the old value in
+/// between; the guard invalidates the keys again before the reply leaves.
 pub fn after_write(
     px: &Arc<Proxy>,
     l1: &Arc<L1>,
-    keys: Vec<Bytes>,
+    guard: crate::l1::WriteGuard,
     flush: bool,
     p: Pending,
 ) -> Pending {
     let px = px.clone();
     let l1 = l1.clone();
-    let blocking = p.is_blocking();
-    let fut = async move {
+    p.then(move |p| async move {
         let v = p.resolve(&px).await;
-        for k in &keys {
-            l1.invalidate(k);
-        }
+        drop(guard);
         if flush {
             l1.flush("FLUSHALL/FLUSHDB through the proxy");
         }
         v
-    };
-    if blocking {
-        Pending::Blocking(Box::pin(fut))
-    } else {
-        Pending::Later(Box::pin(fut))
-    }
+    })
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request)
     let proto = sess.proto;
     let hint = sess.hint();
     let name = name.to_string();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         let r = match name.as_str() {
             "scan" => scan(&px, proto, hint, &req.args).await,
             "randomkey" => randomkey(&px, proto, hint, &req).await,

@@ -686,7 +686,7 @@ fn cluster(px: &Arc<Proxy>, sess: &Session, sub: &str, a: &[Bytes]) -> Pending {
             let px = px.clone();
             let proto = sess.proto;
             let hint = sess.hint();
-            return Pending::Later(Box::pin(async move {
+            return Pending::Deferred(Box::pin(async move {
                 match px.upstream.call(target, command_bytes(&args), proto, hint).await {
                     Ok(raw) => Value::Raw(raw),
                     Err(e) => e.to_reply(),
@@ -713,7 +713,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
             .any(|w| w == "all" || w == "default" || w == "everything");
     let want = move |s: &str| all || wanted.iter().any(|w| w == s);
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         let mut out = String::new();
         if want("server") {
             let facts = px.upstream.facts();

@@ -35,8 +35,11 @@ pub enum Pending {
     Forwarded(Ticket),
     Later(BoxFuture),
     /// A command that may wait indefinitely on its own upstream connection; abandoned
-    /// (and that connection closed) if the client goes away meanwhile.
+    /// (and that connection closed) if the client goes away meanwhile. Deferred too.
     Blocking(BoxFuture),
+    /// A reply whose request reaches the upstream only when it is awaited: later
+    /// commands of the pipeline must wait for it, or they would overtake it.
+    Deferred(BoxFuture),
 }
 
 impl Pending {
@@ -51,12 +54,32 @@ impl Pending {
                 Ok(raw) => Value::Raw(raw),
                 Err(e) => e.to_reply(),
             },
-            Pending::Later(f) | Pending::Blocking(f) => f.await,
+            Pending::Later(f) | Pending::Blocking(f) | Pending::Deferred(f) => f.await,
         }
     }
 
     pub fn is_blocking(&self) -> bool {
         matches!(self, Pending::Blocking(_))
+    }
+
+    /// Whether later commands of the pipeline must wait until this one is resolved.
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, Pending::Blocking(_) | Pending::Deferred(_))
+    }
+
+    /// Post-processes this reply, keeping its kind (blocking, deferred).
+    pub fn then<F, Fut>(self, f: F) -> Pending
+    where
+        F: FnOnce(Pending) -> Fut,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        let kind = (self.is_blocking(), self.is_deferred());
+        let fut = Box::pin(f(self));
+        match kind {
+            (true, _) => Pending::Blocking(fut),
+            (_, true) => Pending::Deferred(fut),
+            _ => Pending::Later(fut),
+        }
     }
 }
 
@@ -120,14 +143,14 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         name.as_str(),
         "strlen" | "getrange" | "substr" | "append" | "setrange"
     ) {
-        let keys = vec![req.args[1].clone()];
-        if let Some(l1) = &px.l1 {
-            l1.invalidate(&keys[0]);
-        }
+        let guard = match (&px.l1, info.may_write()) {
+            (Some(l1), true) => Some((l1.clone(), l1.begin_write(vec![req.args[1].clone()]))),
+            _ => None,
+        };
         let p = spill::string_op(px, sess.proto, sess.hint(), &name, req).await;
-        return match (&px.l1, info.may_write()) {
-            (Some(l1), true) => cache::after_write(px, l1, keys, false, p),
-            _ => p,
+        return match guard {
+            Some((l1, guard)) => cache::after_write(px, &l1, guard, false, p),
+            None => p,
         };
     }
     if name == "lcs" {
@@ -183,16 +206,14 @@ async fn with_l1(
                 .map(|i| req.args[i].clone())
                 .collect();
             let flush = matches!(info.name.as_str(), "flushall" | "flushdb");
-            // Before sending, so no read that starts from now on fills the old value…
-            for k in &keys {
-                l1.invalidate(k);
-            }
+            // From before sending until the acknowledgement: no read serves, joins or
+            // fills the old value (and the keys are invalidated again at the end).
+            let guard = l1.begin_write(keys);
             if flush {
                 l1.flush("FLUSHALL/FLUSHDB through the proxy");
             }
             let p = by_policy(px, sess, info, req).await;
-            // …and after the acknowledgement, for reads that were already in flight.
-            return cache::after_write(px, &l1, keys, flush, p);
+            return cache::after_write(px, &l1, guard, flush, p);
         }
         if cache::cacheable(&info.name) && info.policy != Policy::Local {
             let keys = info.key_indices(&req.args);

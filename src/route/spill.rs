@@ -30,8 +30,14 @@ pub fn returns_values(name: &str) -> bool {
     matches!(name, "get" | "getex" | "getdel" | "getset" | "mget" | "set")
 }
 
-/// What a write's reply says about whether Redis stored our stubs.
-fn certainly_not_written(name: &str, args: &[Bytes], reply: &[u8]) -> bool {
+/// What a write's reply says about whether Redis stored our stubs. `from_redis` is false
+/// for the proxy's own errors (a timeout, a lost connection): the write may have been
+/// applied, so nothing is certain. MSET is never certain: split across slots, one
+/// slot's error says nothing of the others.
+fn certainly_not_written(name: &str, args: &[Bytes], reply: &[u8], from_redis: bool) -> bool {
+    if !from_redis || name == "mset" {
+        return false;
+    }
     if is_error(reply) {
         return true;
     }
@@ -90,13 +96,15 @@ pub fn finish_write(
     p: Pending,
 ) -> Pending {
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
+    p.then(move |p| async move {
         let v = p.resolve(&px).await;
+        // Replies that came from Redis are raw; the proxy's own errors are not.
+        let from_redis = matches!(v, Value::Raw(_));
         let raw = v.to_bytes(proto);
         let Some(spill) = px.spill.as_ref() else {
             return Value::Raw(raw);
         };
-        if certainly_not_written(&name, &args, &raw) {
+        if certainly_not_written(&name, &args, &raw, from_redis) {
             for o in &objects {
                 spill.discard(o).await;
             }
@@ -105,7 +113,7 @@ pub fn finish_write(
             Ok(b) => Value::Raw(b),
             Err(e) => e.to_reply(),
         }
-    }))
+    })
 }
 
 /// Resolves any stub in a bulk reply, or in the elements of an array reply.
@@ -149,7 +157,7 @@ async fn resolve_bulk(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
 /// Wraps a read whose reply may carry stubs.
 pub fn resolving(px: &Arc<Proxy>, proto: Proto, p: Pending) -> Pending {
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
+    p.then(move |p| async move {
         let raw = p.resolve(&px).await.to_bytes(proto);
         match px.spill.as_ref() {
             Some(spill) => match resolve_reply(spill, raw).await {
@@ -158,7 +166,7 @@ pub fn resolving(px: &Arc<Proxy>, proto: Proto, p: Pending) -> Pending {
             },
             None => Value::Raw(raw),
         }
-    }))
+    })
 }
 
 /// STRLEN, GETRANGE, SUBSTR, APPEND, SETRANGE on a key that may hold a stub. The key's
@@ -188,7 +196,7 @@ pub async fn string_op(
         .await;
     let px = px.clone();
     let name = name.to_string();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         let r = async {
             let head = px.upstream.finish(probe_t).await?;
             let spill = px
@@ -327,7 +335,7 @@ async fn guarded_write(
         .await;
     let px = px.clone();
     let name = name.to_string();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         let r = async {
             let reply = px.upstream.finish(ticket).await?;
             if crate::parse::reply::error_text(&reply).as_deref() != Some("ERR TIERPROXY_SPILLED") {

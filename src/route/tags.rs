@@ -38,7 +38,7 @@ fn reply_err(raw: &[u8]) -> Option<Error> {
 pub fn tag(px: &Arc<Proxy>, sess: &Session, args: Vec<Bytes>) -> Pending {
     let px = px.clone();
     let hint = sess.hint();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         let key = &args[1];
         let mut tickets = Vec::new();
         for t in &args[2..] {
@@ -69,7 +69,7 @@ pub fn tag(px: &Arc<Proxy>, sess: &Session, args: Vec<Bytes>) -> Pending {
 pub fn invalidate(px: &Arc<Proxy>, sess: &Session, args: Vec<Bytes>) -> Pending {
     let px = px.clone();
     let hint = sess.hint();
-    Pending::Later(Box::pin(async move {
+    Pending::Deferred(Box::pin(async move {
         match invalidate_tag(&px, hint, &args[1]).await {
             Ok(n) => Value::Int(n),
             Err(e) => e.to_reply(),

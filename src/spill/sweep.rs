@@ -83,6 +83,11 @@ pub async fn mark(
             }
             for t in tickets {
                 let raw = up.finish(t).await?;
+                // A key Redis could not read now (LOADING, BUSY, CLUSTERDOWN…) may hold a
+                // stub: fail the pass rather than leave its object unmarked.
+                if let Some(e) = error_text(&raw) {
+                    return Err(Error::redis(e));
+                }
                 let Some(v) = as_str(&raw) else { continue };
                 let v = Bytes::copy_from_slice(v);
                 if let Some(Ok(stub)) = spill.parse(&v) {

@@ -545,6 +545,14 @@ impl Upstream {
                     })
             }
         };
+        // Nodes that are no longer masters go, with their connections (requests in
+        // flight keep theirs alive until they finish; a later MOVED re-creates a node).
+        {
+            let keep: std::collections::HashSet<&str> =
+                topo.masters.iter().map(|n| &*n.addr).collect();
+            let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            nodes.retain(|addr, _| keep.contains(addr.as_str()));
+        }
         *guard = Some(Arc::new(topo));
         drop(guard);
         self.refreshes.fetch_add(1, Ordering::Relaxed);
