@@ -342,12 +342,18 @@ fn read_your_writes_for_every_write_command() {
             "case {i}: {:?} was not cached",
             case.read
         );
-        run(&mut c, case.write);
+        let wrote = run(&mut c, case.write);
+        if wrote.starts_with("-ERR tierproxy:") {
+            // The proxy could not learn the write's outcome (e.g. its upstream connection
+            // was lost): read-your-writes covers acknowledged writes only.
+            eprintln!("case {i}: write not acknowledged ({wrote:?}); skipped");
+            continue;
+        }
         let through_a = run(&mut c, case.read);
         let real = run(&mut t, case.read);
         assert_eq!(
             through_a, real,
-            "case {i}: after {:?}, {:?} through L1 differs from Redis",
+            "case {i}: after {:?} (reply {wrote:?}), {:?} through L1 differs from Redis",
             case.write, case.read
         );
         assert_ne!(

@@ -129,7 +129,7 @@ pub struct L1 {
     /// neither served nor filled, and no read joins another's (it may predate the write).
     writing: Box<[AtomicU32]>,
     epoch: AtomicU64,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: ahash::RandomState,
     pub stats: L1Stats,
     pub max_bytes: u64,
     /// Set when the backend cannot track keys: L1 then serves and stores nothing.
@@ -231,7 +231,7 @@ impl L1 {
             gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             writing: (0..GEN_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
-            hasher: Default::default(),
+            hasher: ahash::RandomState::new(),
             stats: L1Stats {
                 evictions,
                 ..Default::default()
