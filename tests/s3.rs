@@ -6,7 +6,7 @@ mod support;
 
 use std::io::Write;
 
-use support::{shared_cluster, tag, Proxy, Resp, S3Server};
+use support::{bulk, random, shared_cluster, tag, Proxy, Resp, S3Server};
 
 const THRESHOLD: usize = 4096;
 const BUCKET: &str = "tierproxy-test";
@@ -32,25 +32,6 @@ fn proxy(s3: &S3Server) -> Proxy {
             ("CACHE_L3_SIGNING_KEY", KEY),
         ],
     )
-}
-
-fn bulk(v: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", v.len()).into_bytes();
-    out.extend_from_slice(v);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod support;
 use std::io::Write;
 use std::sync::OnceLock;
 
-use support::{shared_cluster, tag, Proxy, Resp};
+use support::{bulk, random, shared_cluster, tag, Proxy, Resp};
 
 const THRESHOLD: usize = 4096;
 
@@ -63,13 +63,6 @@ impl DirectCluster {
     }
 }
 
-fn bulk(v: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", v.len()).into_bytes();
-    out.extend_from_slice(v);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
 fn objects(dir: &std::path::Path) -> usize {
     fn count(p: &std::path::Path) -> usize {
         std::fs::read_dir(p)
@@ -93,19 +86,6 @@ fn objects(dir: &std::path::Path) -> usize {
             .unwrap_or(0)
     }
     count(dir)
-}
-
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    // xorshift: incompressible, reproducible.
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn info_field(c: &mut Resp, name: &str) -> i64 {

@@ -1458,3 +1458,24 @@ impl Drop for S3Server {
         self.stop();
     }
 }
+
+/// The RESP bulk-string encoding of `v` (what a GET of it answers).
+pub fn bulk(v: &[u8]) -> Vec<u8> {
+    let mut out = format!("${}\r\n", v.len()).into_bytes();
+    out.extend_from_slice(v);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// `n` reproducible, incompressible bytes (xorshift from `seed`).
+pub fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
