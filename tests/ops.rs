@@ -23,6 +23,16 @@ fn write_config(body: &str) -> tempfile::NamedTempFile {
     f
 }
 
+/// `tierproxy --config FILE --check-config`.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(bin())
+        .arg("--config")
+        .arg(path)
+        .arg("--check-config")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_accepts_the_examples_and_names_a_bad_key() {
     for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/conf")).unwrap() {
@@ -30,12 +40,7 @@ fn check_config_accepts_the_examples_and_names_a_bad_key() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        let out = Command::new(bin())
-            .arg("--config")
-            .arg(&path)
-            .arg("--check-config")
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         assert!(
             out.status.success(),
             "{}: {}",
@@ -44,34 +49,19 @@ fn check_config_accepts_the_examples_and_names_a_bad_key() {
         );
     }
     let bad = write_config("[client]\nmaxclients = 0\n");
-    let out = Command::new(bin())
-        .arg("--config")
-        .arg(bad.path())
-        .arg("--check-config")
-        .output()
-        .unwrap();
+    let out = check_config(bad.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("client.maxclients"), "{err}");
 
     let unknown = write_config("[upstream]\nrequest_timeout = 5\n");
-    let out = Command::new(bin())
-        .arg("--config")
-        .arg(unknown.path())
-        .arg("--check-config")
-        .output()
-        .unwrap();
+    let out = check_config(unknown.path());
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("request_timeout"), "{err}");
 
     let typed = write_config("listen = 5\n");
-    let out = Command::new(bin())
-        .arg("--config")
-        .arg(typed.path())
-        .arg("--check-config")
-        .output()
-        .unwrap();
+    let out = check_config(typed.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
 

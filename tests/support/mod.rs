@@ -290,17 +290,23 @@ impl RedisServer {
             return;
         }
         self.stopped = true;
-        // A watchdog that has exited has already reaped the server, so its pid may be reused.
-        if let Ok(None) = self.watchdog.try_wait() {
-            send_signal("KILL", self.server_pid);
-        }
-        // Closing stdin also makes the watchdog exit (and kill the server) if the direct kill
-        // failed for some reason.
-        drop(self.watchdog.stdin.take());
-        if wait_timeout(&mut self.watchdog, Duration::from_secs(5)).is_none() {
-            let _ = self.watchdog.kill();
-            let _ = self.watchdog.wait();
-        }
+        stop_supervised(&mut self.watchdog, self.server_pid);
+    }
+}
+
+/// SIGKILLs a watchdog-supervised server and waits for its watchdog, which reaps it first,
+/// so the server's port is closed when this returns.
+fn stop_supervised(watchdog: &mut Child, server_pid: u32) {
+    // A watchdog that has exited has already reaped the server, so its pid may be reused.
+    if let Ok(None) = watchdog.try_wait() {
+        send_signal("KILL", server_pid);
+    }
+    // Closing stdin also makes the watchdog exit (and kill the server) if the direct kill
+    // failed for some reason.
+    drop(watchdog.stdin.take());
+    if wait_timeout(watchdog, Duration::from_secs(5)).is_none() {
+        let _ = watchdog.kill();
+        let _ = watchdog.wait();
     }
 }
 
@@ -1441,14 +1447,7 @@ print(c.head_object(Bucket=sys.argv[2], Key=sys.argv[3]).get('ServerSideEncrypti
             return;
         }
         self.stopped = true;
-        if let Ok(None) = self.watchdog.try_wait() {
-            send_signal("KILL", self.server_pid);
-        }
-        drop(self.watchdog.stdin.take());
-        if wait_timeout(&mut self.watchdog, Duration::from_secs(5)).is_none() {
-            let _ = self.watchdog.kill();
-            let _ = self.watchdog.wait();
-        }
+        stop_supervised(&mut self.watchdog, self.server_pid);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
