@@ -15,6 +15,9 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_CONNECTIONS_PER_NODE: usize = 2;
 pub const DEFAULT_TOPOLOGY_REFRESH_MS: u64 = 10_000;
 pub const DEFAULT_MAX_REDIRECTS: u32 = 5;
+pub const DEFAULT_PINNED_MAX_PER_NODE: usize = 1_024;
+pub const DEFAULT_PINNED_IDLE_PER_NODE: usize = 16;
+pub const DEFAULT_PUBSUB_OUTPUT_LIMIT: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_MAXCLIENTS: usize = 10_000;
 /// Redis's default `proto-max-bulk-len`.
 pub const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
@@ -193,6 +196,11 @@ pub struct UpstreamConfig {
     pub connections_per_node: usize,
     pub topology_refresh_interval_ms: u64,
     pub max_redirects: u32,
+    /// Connections pinned to one client at a time (transactions with WATCH, EXEC,
+    /// blocking commands, pub/sub) per node: at most this many at once.
+    pub pinned_max_per_node: usize,
+    /// Released pinned connections kept open for reuse, per node and protocol.
+    pub pinned_idle_per_node: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +213,9 @@ pub struct ClientConfig {
     pub max_inflight: usize,
     /// Close a client idle this long; 0 = never (Redis's `timeout 0`).
     pub idle_timeout_secs: u64,
+    /// Pub/sub messages queued for a client that reads too slowly: past this many bytes
+    /// it is disconnected (Redis's `client-output-buffer-limit pubsub` hard limit).
+    pub pubsub_output_limit: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -259,6 +270,8 @@ impl Default for UpstreamConfig {
             connections_per_node: DEFAULT_CONNECTIONS_PER_NODE,
             topology_refresh_interval_ms: DEFAULT_TOPOLOGY_REFRESH_MS,
             max_redirects: DEFAULT_MAX_REDIRECTS,
+            pinned_max_per_node: DEFAULT_PINNED_MAX_PER_NODE,
+            pinned_idle_per_node: DEFAULT_PINNED_IDLE_PER_NODE,
         }
     }
 }
@@ -271,6 +284,7 @@ impl Default for ClientConfig {
             query_buffer_limit: DEFAULT_QUERY_BUFFER_LIMIT,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            pubsub_output_limit: DEFAULT_PUBSUB_OUTPUT_LIMIT,
         }
     }
 }
@@ -517,6 +531,12 @@ impl Config {
         }
         if u.connections_per_node == 0 || u.connections_per_node > 64 {
             return bad("upstream.connections_per_node", "must be 1..=64".into());
+        }
+        if u.pinned_max_per_node == 0 {
+            return bad(
+                "upstream.pinned_max_per_node",
+                "must be greater than 0".into(),
+            );
         }
         let c = &self.client;
         if c.maxclients == 0 {

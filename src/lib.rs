@@ -89,6 +89,8 @@ pub struct Proxy {
     pub active: AtomicUsize,
     /// Prometheus registry handle (`None` if another recorder was installed first).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Script bodies seen, to heal NOSCRIPT after a failover.
+    pub scripts: route::scripts::ScriptCache,
 }
 
 /// Binds, serves until `shutdown` resolves, drains, and returns.
@@ -134,6 +136,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         draining: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         prometheus: metrics::install(),
+        scripts: Default::default(),
         cfg,
     });
     let sweeper = px

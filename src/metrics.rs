@@ -3,7 +3,7 @@
 //! scraped, so serving a request never touches the registry. Label values come from
 //! fixed sets (levels), never from keys.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -34,6 +34,31 @@ pub const CONNECTIONS: &str = "tierproxy_client_connections_received_total";
 pub const REJECTED: &str = "tierproxy_client_connections_rejected_total";
 pub const UPSTREAM_CONNECTIONS: &str = "tierproxy_upstream_connections";
 pub const TOPOLOGY_REFRESHES: &str = "tierproxy_topology_refreshes_total";
+pub const PINNED: &str = "tierproxy_pinned_connections";
+pub const PINNED_ACQUIRED_TOTAL: &str = "tierproxy_pinned_acquired_total";
+pub const PINNED_CLOSED_TOTAL: &str = "tierproxy_pinned_closed_dirty_total";
+pub const TRANSACTIONS: &str = "tierproxy_transactions_total";
+pub const SUBSCRIPTIONS: &str = "tierproxy_pubsub_subscriptions";
+pub const PUBSUB_MESSAGES: &str = "tierproxy_pubsub_messages_total";
+pub const PUBSUB_DROPPED: &str = "tierproxy_pubsub_clients_dropped_total";
+pub const PUBSUB_RESUBSCRIBES: &str = "tierproxy_pubsub_resubscribes_total";
+pub const SCRIPT_RELOADS: &str = "tierproxy_script_reloads_total";
+
+// Counters of the stateful paths, process-wide: pinned connections are released in
+// `Drop`, where no `Proxy` is at hand.
+pub static PINNED_ACQUIRED: AtomicU64 = AtomicU64::new(0);
+pub static PINNED_CLOSED_DIRTY: AtomicU64 = AtomicU64::new(0);
+/// EXEC outcomes: committed (array reply), conflict (nil: a WATCHed key changed),
+/// aborted (EXECABORT), error (the proxy's own error, e.g. the upstream was lost).
+pub static TX_COMMITTED: AtomicU64 = AtomicU64::new(0);
+pub static TX_CONFLICT: AtomicU64 = AtomicU64::new(0);
+pub static TX_ABORTED: AtomicU64 = AtomicU64::new(0);
+pub static TX_ERROR: AtomicU64 = AtomicU64::new(0);
+pub static SUBSCRIPTIONS_NOW: AtomicI64 = AtomicI64::new(0);
+pub static PUBSUB_MESSAGES_OUT: AtomicU64 = AtomicU64::new(0);
+pub static PUBSUB_DROPPED_CLIENTS: AtomicU64 = AtomicU64::new(0);
+pub static PUBSUB_RESUBSCRIBED: AtomicU64 = AtomicU64::new(0);
+pub static SCRIPTS_RELOADED: AtomicU64 = AtomicU64::new(0);
 
 /// Installs the Prometheus recorder (once per process) and describes every metric.
 pub fn install() -> Option<PrometheusHandle> {
@@ -95,6 +120,39 @@ pub fn install() -> Option<PrometheusHandle> {
         "Pipelined upstream data connections open now."
     );
     describe_counter!(TOPOLOGY_REFRESHES, "Upstream topology refreshes.");
+    describe_gauge!(
+        PINNED,
+        "Pinned upstream connections (transactions, blocking commands): state=in_use or idle."
+    );
+    describe_counter!(
+        PINNED_ACQUIRED_TOTAL,
+        "Pinned connections handed to a client."
+    );
+    describe_counter!(
+        PINNED_CLOSED_TOTAL,
+        "Pinned connections closed instead of reused (released mid-request or lost)."
+    );
+    describe_counter!(
+        TRANSACTIONS,
+        "EXECs by outcome: committed, conflict (WATCH), aborted (EXECABORT), error."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS,
+        "Channels, patterns and shard channels subscribed by clients now."
+    );
+    describe_counter!(PUBSUB_MESSAGES, "Pub/sub messages delivered to clients.");
+    describe_counter!(
+        PUBSUB_DROPPED,
+        "Subscribers disconnected past client.pubsub_output_limit."
+    );
+    describe_counter!(
+        PUBSUB_RESUBSCRIBES,
+        "Upstream subscriber connections re-established after a loss or failover."
+    );
+    describe_counter!(
+        SCRIPT_RELOADS,
+        "NOSCRIPT replies healed by loading the script on the node and retrying."
+    );
     Some(handle)
 }
 
@@ -111,6 +169,24 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
     gauge!(CLIENTS).set(px.clients.len() as f64);
     gauge!(UPSTREAM_CONNECTIONS).set(px.upstream.total_connections() as f64);
     counter!(TOPOLOGY_REFRESHES).absolute(px.upstream.refreshes.load(Ordering::Relaxed));
+    let (in_use, idle) = px.upstream.pinned_counts();
+    gauge!(PINNED, "state" => "in_use").set(in_use as f64);
+    gauge!(PINNED, "state" => "idle").set(idle as f64);
+    counter!(PINNED_ACQUIRED_TOTAL).absolute(ld(&PINNED_ACQUIRED));
+    counter!(PINNED_CLOSED_TOTAL).absolute(ld(&PINNED_CLOSED_DIRTY));
+    for (outcome, c) in [
+        ("committed", &TX_COMMITTED),
+        ("conflict", &TX_CONFLICT),
+        ("aborted", &TX_ABORTED),
+        ("error", &TX_ERROR),
+    ] {
+        counter!(TRANSACTIONS, "outcome" => outcome).absolute(ld(c));
+    }
+    gauge!(SUBSCRIPTIONS).set(SUBSCRIPTIONS_NOW.load(Ordering::Relaxed) as f64);
+    counter!(PUBSUB_MESSAGES).absolute(ld(&PUBSUB_MESSAGES_OUT));
+    counter!(PUBSUB_DROPPED).absolute(ld(&PUBSUB_DROPPED_CLIENTS));
+    counter!(PUBSUB_RESUBSCRIBES).absolute(ld(&PUBSUB_RESUBSCRIBED));
+    counter!(SCRIPT_RELOADS).absolute(ld(&SCRIPTS_RELOADED));
     if let Some(sp) = &px.spill {
         let st = &sp.stats;
         counter!(CACHE_HITS, "level" => "l3").absolute(ld(&st.reads));

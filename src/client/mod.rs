@@ -139,6 +139,20 @@ async fn conn_loop(
                     None => Some(rd.read_buf(&mut inbuf).await),
                 }
             };
+            // A subscriber also waits for messages (and is dropped past its limit).
+            let outbox = sess.pubsub.as_ref().map(|p| p.out.clone());
+            let message = async {
+                match &outbox {
+                    Some(o) => o.ready.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let overflow = async {
+                match &outbox {
+                    Some(o) => o.overflow.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = read => match r {
                     None => return Ok(()), // idle timeout, closed silently as Redis does
@@ -146,6 +160,17 @@ async fn conn_loop(
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e),
                 },
+                _ = message => {
+                    if let Some(o) = &outbox {
+                        o.drain_into(&mut out);
+                        write_out(&mut wr, &mut out, Some(o)).await?;
+                    }
+                    continue;
+                }
+                _ = overflow => {
+                    tracing::warn!(client = %sess.entry.addr, "closing subscriber over client.pubsub_output_limit");
+                    return Ok(());
+                }
                 _ = shutdown.changed() => return Ok(()),
             }
             sess.entry
@@ -178,6 +203,7 @@ async fn conn_loop(
             let barrier = p.is_deferred();
             pending.push((p, sess.proto, silent));
             if barrier {
+                let outbox = sess.pubsub.as_ref().map(|p| p.out.clone());
                 let drained = drain(
                     px,
                     &mut pending,
@@ -185,6 +211,7 @@ async fn conn_loop(
                     &mut rd,
                     &mut inbuf,
                     &mut client_gone,
+                    outbox.as_deref(),
                 )
                 .await;
                 if !drained {
@@ -195,6 +222,7 @@ async fn conn_loop(
                 break;
             }
         }
+        let outbox = sess.pubsub.as_ref().map(|p| p.out.clone());
         if !drain(
             px,
             &mut pending,
@@ -202,6 +230,7 @@ async fn conn_loop(
             &mut rd,
             &mut inbuf,
             &mut client_gone,
+            outbox.as_deref(),
         )
         .await
         {
@@ -213,17 +242,41 @@ async fn conn_loop(
             e.to_reply().encode(sess.proto, &mut out);
         }
         if !out.is_empty() {
-            wr.write_all(&out).await?;
-            out.clear();
-            if out.capacity() > 4 * 1024 * 1024 {
-                out = BytesMut::with_capacity(READ_CHUNK);
+            if let Some(o) = &outbox {
+                if o.is_over() {
+                    return Ok(());
+                }
             }
+            write_out(&mut wr, &mut out, outbox.as_deref()).await?;
         }
         if sess.closing || parse_err.is_some() || client_gone {
             let _ = wr.shutdown().await;
             return Ok(());
         }
     }
+}
+
+/// Writes `out` to the client. A subscriber that stops reading is closed once its
+/// queued messages pass the limit, even while this write is stuck.
+async fn write_out(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    out: &mut BytesMut,
+    outbox: Option<&crate::route::pubsub::Outbox>,
+) -> std::io::Result<()> {
+    match outbox {
+        Some(o) => tokio::select! {
+            r = wr.write_all(out) => r?,
+            _ = o.overflow.notified() => {
+                return Err(std::io::Error::other("subscriber over client.pubsub_output_limit"));
+            }
+        },
+        None => wr.write_all(out).await?,
+    }
+    out.clear();
+    if out.capacity() > 4 * 1024 * 1024 {
+        *out = BytesMut::with_capacity(READ_CHUNK);
+    }
+    Ok(())
 }
 
 /// Resolves the pending replies in order into `out`. False if the client went away while
@@ -235,6 +288,7 @@ async fn drain(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     inbuf: &mut BytesMut,
     client_gone: &mut bool,
+    outbox: Option<&crate::route::pubsub::Outbox>,
 ) -> bool {
     let limit = px.cfg.client.query_buffer_limit;
     for (p, proto, silent) in pending.drain(..) {
@@ -260,6 +314,10 @@ async fn drain(
         };
         if is_error_reply(&v) {
             px.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // Messages that arrived before this reply go out before it.
+        if let Some(o) = outbox {
+            o.drain_into(out);
         }
         if !silent {
             v.encode(proto, out);

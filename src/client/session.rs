@@ -125,6 +125,10 @@ pub struct Session {
     pub closing: bool,
     /// The last command run, as last published to CLIENT LIST.
     pub last_cmd: Option<Arc<crate::parse::table::CommandInfo>>,
+    /// MULTI/WATCH state.
+    pub txn: crate::route::txn::TxnState,
+    /// Subscriptions, once the client subscribed to anything.
+    pub pubsub: Option<Box<crate::route::pubsub::PubSub>>,
 }
 
 impl Session {
@@ -138,6 +142,8 @@ impl Session {
             reply_mode: ReplyMode::On,
             closing: false,
             last_cmd: None,
+            txn: Default::default(),
+            pubsub: None,
         }
     }
 
@@ -148,6 +154,11 @@ impl Session {
     /// Pool index hint: one client always uses the same connection to a given node.
     pub fn hint(&self) -> usize {
         self.entry.id as usize
+    }
+
+    /// In subscribed mode: subscribed to at least one channel, pattern or shard channel.
+    pub fn subscribed(&self) -> bool {
+        self.pubsub.as_ref().is_some_and(|p| p.active())
     }
 
     pub fn update_meta(&self, f: impl FnOnce(&mut Meta)) {

@@ -95,11 +95,11 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplyError> {
     }
 }
 
-/// The elements of an array reply (`*N` / `~N` / `%N` flattened), each as its raw bytes.
-/// `None` if the reply is not an aggregate (for example an error).
+/// The elements of an array reply (`*N` / `~N` / `>N` / `%N` flattened), each as its raw
+/// bytes. `None` if the reply is not an aggregate (for example an error).
 pub fn split_aggregate(reply: &Bytes) -> Option<Vec<Bytes>> {
     let tag = *reply.first()?;
-    if !matches!(tag, b'*' | b'~' | b'%') {
+    if !matches!(tag, b'*' | b'~' | b'>' | b'%') {
         return None;
     }
     let eol = line_end(reply, 1)?;

@@ -28,6 +28,12 @@ pub enum Policy {
     Blocking,
     /// Needs connection state the shared pipelined connections cannot carry (yet).
     Unsupported,
+    /// The (un)subscribe family: the session's subscriber connections (route::pubsub).
+    Subscribe,
+    /// PUBSUB CHANNELS/NUMSUB/…: aggregated over every master.
+    PubSubInfo,
+    /// SCRIPT LOAD/EXISTS/FLUSH, FUNCTION LOAD/DELETE/FLUSH/RESTORE: every master.
+    AllMasters,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -429,10 +435,16 @@ fn policy_for(info: &CommandInfo) -> Policy {
         "del" | "unlink" | "exists" | "touch" => Policy::SumKeys,
         "dbsize" | "keys" | "scan" | "randomkey" | "flushall" | "flushdb" => Policy::Keyspace,
         // Connection-scoped state: transactions, subscriptions, replication streams.
-        "multi" | "exec" | "discard" | "watch" | "unwatch" | "subscribe" | "unsubscribe"
-        | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe" | "monitor" | "sync"
-        | "psync" | "replconf" | "wait" | "waitaof" | "shutdown" | "failover" | "replicaof"
-        | "slaveof" | "debug" => Policy::Unsupported,
+        // Transactions are caught before routing (route::txn).
+        "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
+        | "sunsubscribe" => Policy::Subscribe,
+        n if n.starts_with("pubsub|") => Policy::PubSubInfo,
+        "wait" => Policy::Blocking,
+        // Script and function state lives on each node (route::scripts).
+        "script|load" | "script|exists" | "script|flush" | "function|load" | "function|delete"
+        | "function|flush" | "function|restore" => Policy::AllMasters,
+        "monitor" | "sync" | "psync" | "replconf" | "waitaof" | "shutdown" | "failover"
+        | "replicaof" | "slaveof" | "debug" => Policy::Unsupported,
         n if n.starts_with("client") || n.starts_with("cluster") || n.starts_with("config") => {
             Policy::Local
         }

@@ -43,6 +43,8 @@ pub enum Value {
     Map(Vec<(Value, Value)>),
     /// RESP3 set; RESP2: an array.
     Set(Vec<Value>),
+    /// RESP3 push (`>`), out-of-band data such as pub/sub messages; RESP2: an array.
+    Push(Vec<Value>),
     /// Already encoded bytes for this client's protocol (a forwarded reply).
     Raw(Bytes),
 }
@@ -101,8 +103,12 @@ impl Value {
                     v.encode(proto, out);
                 }
             }
-            Value::Set(items) => {
-                let tag = if proto == Proto::Resp3 { b'~' } else { b'*' };
+            Value::Set(items) | Value::Push(items) => {
+                let tag = match (proto, self) {
+                    (Proto::Resp2, _) => b'*',
+                    (Proto::Resp3, Value::Set(_)) => b'~',
+                    (Proto::Resp3, _) => b'>',
+                };
                 int_line(out, tag, items.len() as i64);
                 for v in items {
                     v.encode(proto, out);

@@ -118,6 +118,8 @@ pub fn handle_early(
             Value::ok()
         }
         "reset" => {
+            sess.txn.clear();
+            sess.pubsub = None;
             sess.proto = Proto::Resp2;
             sess.name = None;
             sess.reply_mode = ReplyMode::On;

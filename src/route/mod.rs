@@ -5,12 +5,16 @@
 //! answered locally, forwarded to the owner of the keys' slot, split and merged across
 //! slots, fanned out to every master, or run on a dedicated connection.
 
+mod blocking;
 mod cache;
 mod keyspace;
 mod local;
 mod multi;
+pub mod pubsub;
+pub mod scripts;
 mod spill;
 mod tags;
+pub mod txn;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,7 +26,7 @@ use crate::client::session::Session;
 use crate::error::Error;
 use crate::parse::request::Request;
 use crate::parse::table::{Lookup, Lowered, Policy};
-use crate::respond::{Proto, Value};
+use crate::respond::Value;
 use crate::upstream::{key_slot, Mode, Target, Ticket};
 use crate::Proxy;
 
@@ -98,6 +102,34 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         .commands
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
+    // Transactions first: inside MULTI even PING is queued.
+    let req = if txn::wants(sess, name) {
+        // Boxed: the transaction path is rare, and keeps the common future small.
+        match Box::pin(txn::intercept(px, sess, &lowered, req)).await {
+            Ok(p) => return p,
+            Err(req) => req,
+        }
+    } else {
+        req
+    };
+    // RESP2 subscribed mode allows only a few commands (after Redis's own checks).
+    if sess.proto == crate::respond::Proto::Resp2 && sess.subscribed() {
+        if name == b"ping" && req.args.len() <= 2 {
+            return pubsub::subscribed_ping(&req);
+        }
+        if !pubsub::allowed_in_resp2_subscribed(name) {
+            if let Some(table) = px.upstream.table() {
+                if let Lookup::Found(info) = table.lookup_lowered(&lowered, &req.args) {
+                    if info.arity_ok(req.args.len()) {
+                        return Pending::error(Error::redis(format!(
+                            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                            info.name
+                        )));
+                    }
+                }
+            }
+        }
+    }
     // Connection-level commands work even before the upstream is known.
     if let Some(p) = local::handle_early(px, sess, name, &req) {
         return p;
@@ -243,6 +275,9 @@ async fn by_policy(
             multi::dispatch(px, sess, info.policy, info, req).await
         }
         Policy::Keyspace => keyspace::dispatch(px, sess, &info.name, req).await,
+        Policy::Subscribe => pubsub::dispatch(px, sess, &info.name, req),
+        Policy::PubSubInfo => pubsub::info(px, sess, &info.name, req),
+        Policy::AllMasters => scripts::fan_out(px, sess, &info.name, req),
         Policy::Unsupported => Pending::error(Error::proxy(format!(
             "'{}' is not supported through the proxy yet (needs a pinned connection)",
             info.name
@@ -252,13 +287,26 @@ async fn by_policy(
                 Ok(t) => t,
                 Err(e) => return Pending::error(e),
             };
-            blocking(px, sess.proto, target, req.raw)
+            if info.name == "wait" {
+                return blocking::wait(px, sess.proto, req);
+            }
+            blocking::run(px, sess.proto, target, &info.name, req)
         }
         Policy::Forward => {
             let target = match target_for(px, &info.key_indices(&req.args), &req.args) {
                 Ok(t) => t,
                 Err(e) => return Pending::error(e),
             };
+            let target = if info.name == "publish" {
+                pubsub::publish_target(&req.args)
+            } else {
+                target
+            };
+            match info.name.as_str() {
+                "eval" | "eval_ro" => scripts::saw_eval(px, &req),
+                "evalsha" | "evalsha_ro" => return scripts::evalsha(px, sess, target, req).await,
+                _ => {}
+            }
             Pending::Forwarded(
                 px.upstream
                     .start(target, req.raw, sess.proto, sess.hint())
@@ -279,34 +327,4 @@ pub fn target_for(px: &Proxy, keys: &[usize], args: &[Bytes]) -> Result<Target, 
         return Err(Error::crossslot());
     }
     Ok(Target::Slot(slot))
-}
-
-/// Runs a command that may block on its own upstream connection, so it never holds up
-/// other clients' requests on the shared pipelined connections.
-fn blocking(px: &Arc<Proxy>, proto: Proto, target: Target, raw: Bytes) -> Pending {
-    let px = px.clone();
-    Pending::Blocking(Box::pin(async move {
-        let result = async {
-            let node = px.upstream.resolve_target(&target)?;
-            let conn = px.upstream.dedicated(&node, proto).await?;
-            let rx = conn.send(raw, 0).map_err(|source| Error::Upstream {
-                addr: node.addr.to_string(),
-                source,
-            })?;
-            rx.await
-                .map_err(|_| Error::Upstream {
-                    addr: node.addr.to_string(),
-                    source: crate::error::UpstreamError::ConnectionLost,
-                })?
-                .map_err(|source| Error::Upstream {
-                    addr: node.addr.to_string(),
-                    source,
-                })
-        }
-        .await;
-        match result {
-            Ok(raw) => Value::Raw(raw),
-            Err(e) => e.to_reply(),
-        }
-    }))
 }

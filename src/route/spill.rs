@@ -281,6 +281,35 @@ local head = redis.pcall('GETRANGE', KEYS[i], 0, 3) \
 if head == ARGV[1] then return redis.error_reply('TIERPROXY_SPILLED') end end \
 return redis.pcall('LCS', KEYS[1], KEYS[2], unpack(ARGV, 2))";
 
+/// Inside MULTI the value cannot be looked at first: string commands that would read or
+/// change a stub as if it were the value run as a script that refuses spilled values.
+const GUARDED_ANY: &str = "for i = 1, #KEYS do \
+local head = redis.pcall('GETRANGE', KEYS[i], 0, 3) \
+if head == ARGV[1] then return redis.error_reply('TIERPROXY_SPILLED') end end \
+local a = {} \
+for i = 1, #KEYS do a[#a + 1] = KEYS[i] end \
+for i = 3, #ARGV do a[#a + 1] = ARGV[i] end \
+return redis.pcall(ARGV[2], unpack(a))";
+
+/// The guarded form of a string command queued in a transaction (`None`: not needed).
+pub fn guarded_in_transaction(name: &str, args: &[Bytes]) -> Option<Vec<Bytes>> {
+    let nkeys: usize = match name {
+        "strlen" | "getrange" | "substr" | "append" | "setrange" => 1,
+        "lcs" => 2,
+        _ => return None,
+    };
+    let mut out = vec![
+        Bytes::from_static(b"EVAL"),
+        Bytes::from_static(GUARDED_ANY.as_bytes()),
+        Bytes::from(nkeys.to_string()),
+    ];
+    out.extend(args[1..=nkeys].iter().cloned());
+    out.push(Bytes::from_static(stub::MAGIC));
+    out.push(Bytes::copy_from_slice(name.as_bytes()));
+    out.extend(args[nkeys + 1..].iter().cloned());
+    Some(out)
+}
+
 /// LCS with the spill on: Redis's reply, or a clear error if either value is spilled.
 pub async fn lcs(px: &Arc<Proxy>, proto: Proto, hint: usize, req: Request) -> Pending {
     let target = Target::Slot(key_slot(&req.args[1]));
@@ -383,26 +412,9 @@ async fn read_modify_write(
     };
     let _turn = spill.rmw_lock(key).lock().await;
     let node = px.upstream.resolve_target(target)?;
-    let conn = px.upstream.dedicated(&node, Proto::Resp2).await?;
-    let upstream_err = |source| Error::Upstream {
-        addr: node.addr.to_string(),
-        source,
-    };
-    let ask = |cmd: Bytes| {
-        let rx = conn.send(cmd, 0);
-        let timeout = px.upstream.settings.request_timeout;
-        async move {
-            let rx = rx.map_err(upstream_err)?;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(Ok(r))) => Ok(r),
-                Ok(Ok(Err(e))) => Err(upstream_err(e)),
-                Ok(Err(_)) => Err(upstream_err(crate::error::UpstreamError::ConnectionLost)),
-                Err(_) => Err(upstream_err(crate::error::UpstreamError::Timeout(
-                    timeout.as_millis() as u64,
-                ))),
-            }
-        }
-    };
+    // `watching` makes sure that, whatever way this ends, the WATCH does not outlive it
+    // (UNWATCH before the connection is reused).
+    let mut pin = px.upstream.pinned(&node, Proto::Resp2).await?;
     for attempt in 0..RMW_ATTEMPTS {
         if attempt > 0 {
             // Another proxy or a direct client won the race: back off with jitter so
@@ -411,17 +423,21 @@ async fn read_modify_write(
             let ms = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
-        let watch = ask(command_bytes(&[&b"WATCH"[..], key]));
-        let get = ask(command_bytes(&[&b"GET"[..], key]));
-        let (w, g) = (watch.await?, get.await?);
-        if is_error(&w) {
-            return Ok(Value::Raw(w));
+        pin.watching = true;
+        let wg = pin
+            .pipeline(vec![
+                command_bytes(&[&b"WATCH"[..], key]),
+                command_bytes(&[&b"GET"[..], key]),
+            ])
+            .await?;
+        let (w, g) = (&wg[0], &wg[1]);
+        if is_error(w) {
+            return Ok(Value::Raw(w.clone()));
         }
-        if is_error(&g) {
-            ask(command_bytes(&[b"UNWATCH"])).await?;
-            return Ok(Value::Raw(g));
+        if is_error(g) {
+            return Ok(Value::Raw(g.clone()));
         }
-        let current = match as_str(&g) {
+        let current = match as_str(g) {
             Some(v) => spill
                 .resolve(Bytes::copy_from_slice(v))
                 .await
@@ -434,11 +450,9 @@ async fn read_modify_write(
             _ => {
                 let value = &args[3];
                 if value.is_empty() {
-                    ask(command_bytes(&[b"UNWATCH"])).await?;
                     return Ok(Value::Int(current.len() as i64));
                 }
                 if offset + value.len() > MAX_STRING {
-                    ask(command_bytes(&[b"UNWATCH"])).await?;
                     return Err(Error::redis(
                         "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
                     ));
@@ -450,7 +464,6 @@ async fn read_modify_write(
             }
         }
         if next.len() > MAX_STRING {
-            ask(command_bytes(&[b"UNWATCH"])).await?;
             return Err(Error::redis(
                 "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
             ));
@@ -461,17 +474,22 @@ async fn read_modify_write(
             match spill.wrap(next).await {
                 Ok(x) => x,
                 Err(e) => {
-                    ask(command_bytes(&[b"UNWATCH"])).await?;
                     return Err(Error::proxy(e.to_string()));
                 }
             }
         } else {
             (next, None)
         };
-        let multi = ask(command_bytes(&[b"MULTI"]));
-        let set = ask(command_bytes(&[&b"SET"[..], key, &stored, b"KEEPTTL"]));
-        let exec = ask(command_bytes(&[b"EXEC"]));
-        let (_, _, e) = (multi.await?, set.await?, exec.await?);
+        let mut r = pin
+            .pipeline(vec![
+                command_bytes(&[b"MULTI"]),
+                command_bytes(&[&b"SET"[..], key, &stored, b"KEEPTTL"]),
+                command_bytes(&[b"EXEC"]),
+            ])
+            .await?;
+        // EXEC ends the WATCH, whatever it answers.
+        pin.watching = false;
+        let e = r.pop().unwrap_or_default();
         if e.starts_with(b"*-1") || e.starts_with(b"_") {
             // Someone wrote the key meanwhile: our object was never referenced.
             if let Some(o) = object {

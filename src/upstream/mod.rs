@@ -9,6 +9,7 @@
 //! periodically and whenever a redirect or a lost connection says it changed.
 
 pub mod conn;
+pub mod pinned;
 pub mod topology;
 
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ pub struct Settings {
     pub max_redirects: u32,
     pub refresh_interval: Duration,
     pub handshake: Handshake,
+    pub pinned_max: usize,
+    pub pinned_idle: usize,
 }
 
 impl Settings {
@@ -66,6 +69,8 @@ impl Settings {
             conns_per_node: u.connections_per_node,
             max_redirects: u.max_redirects,
             refresh_interval: Duration::from_millis(u.topology_refresh_interval_ms),
+            pinned_max: u.pinned_max_per_node,
+            pinned_idle: u.pinned_idle_per_node,
             handshake: Handshake {
                 username: u
                     .username
@@ -112,17 +117,20 @@ pub struct Node {
     /// Set when L1 uses tracking: data connections redirect invalidations here.
     tracking: Option<Arc<L1>>,
     invalidator: tokio::sync::Mutex<Option<Invalidator>>,
+    pub(crate) pinned: pinned::PinnedPool,
     me: Weak<Node>,
 }
 
 impl Node {
-    fn new(addr: &str, per_node: usize, tracking: Option<Arc<L1>>) -> Arc<Node> {
+    fn new(addr: &str, s: &Settings, tracking: Option<Arc<L1>>) -> Arc<Node> {
+        let per_node = s.conns_per_node;
         Arc::new_cyclic(|me| Node {
             addr: addr.into(),
             pools: [
                 (0..per_node).map(|_| ConnSlot::new()).collect(),
                 (0..per_node).map(|_| ConnSlot::new()).collect(),
             ],
+            pinned: pinned::PinnedPool::new(s.pinned_max, s.pinned_idle),
             tracking,
             invalidator: tokio::sync::Mutex::new(None),
             me: me.clone(),
@@ -353,13 +361,22 @@ impl Upstream {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
             .entry(addr.to_string())
-            .or_insert_with(|| Node::new(addr, self.settings.conns_per_node, self.tracking.clone()))
+            .or_insert_with(|| Node::new(addr, &self.settings, self.tracking.clone()))
             .clone()
     }
 
     /// Asks the topology task for a refresh soon (coalesced).
     pub fn request_refresh(&self) {
         self.refresh.notify_one();
+    }
+
+    /// Pinned connections (in use, idle) over every node.
+    pub fn pinned_counts(&self) -> (usize, usize) {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .values()
+            .map(|n| n.pinned.counts(self.settings.pinned_max))
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
     }
 
     pub fn total_connections(&self) -> usize {
@@ -569,20 +586,19 @@ impl Upstream {
         *self.facts.write().unwrap_or_else(|p| p.into_inner()) = facts;
     }
 
-    /// Opens a dedicated connection (for commands that block the connection they run on).
-    pub async fn dedicated(&self, node: &Node, proto: Proto) -> Result<PipeConn, Error> {
-        PipeConn::connect(
-            &node.addr,
-            proto,
-            &self.settings.handshake,
-            self.settings.connect_timeout,
-            ConnOpts::default(),
-        )
-        .await
-        .map_err(|source| Error::Upstream {
-            addr: node.addr.to_string(),
-            source,
-        })
+    /// For requests on pinned connections, which follow redirects themselves: the node
+    /// a MOVED or ASK reply points to, and whether ASKING must precede the retry. A
+    /// MOVED also updates the slot map.
+    pub fn redirected(&self, reply: &[u8]) -> Option<(Arc<Node>, bool)> {
+        match Redirect::parse(reply)? {
+            Redirect::Moved { slot, addr } => {
+                self.apply_moved(slot, &addr);
+                self.request_refresh();
+                Some((self.node(&addr), false))
+            }
+            Redirect::Ask { addr } => Some((self.node(&addr), true)),
+            Redirect::TryAgain => None,
+        }
     }
 
     pub fn resolve_target(&self, target: &Target) -> Result<Arc<Node>, Error> {

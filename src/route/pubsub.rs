@@ -1,0 +1,739 @@
+//! Pub/Sub through the proxy.
+//!
+//! A subscribing client gets subscriber connections of its own: one to any master for
+//! channels and patterns (Redis Cluster broadcasts PUBLISH to every node, so any node
+//! sees every message), and one per node for shard channels (SSUBSCRIBE goes to the
+//! owner of the channel's slot). Each is driven by a task that forwards `message`,
+//! `pmessage` and `smessage` frames, exactly as Redis sent them in the client's protocol,
+//! into the client's [`Outbox`]; it reconnects and re-subscribes after a lost connection
+//! or a failover.
+//!
+//! The subscription set is the session's, so the counts in the (un)subscribe replies are
+//! Redis's even though the subscriptions are spread over several upstream connections.
+//! A reply is sent only once the upstream confirmed the subscription: a message
+//! published after the client saw its confirmation reaches it.
+//!
+//! A client that does not read its messages is disconnected once more than
+//! `client.pubsub_output_limit` bytes wait for it (Redis's
+//! `client-output-buffer-limit pubsub`): the proxy's memory stays bounded.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::Pending;
+use crate::client::session::Session;
+use crate::error::Error;
+use crate::parse::reply::{as_int, as_str, error_text, frame_len, split_aggregate};
+use crate::parse::request::Request;
+use crate::respond::{command_bytes, Proto, Value};
+use crate::upstream::conn::{connect_tcp, handshake};
+use crate::upstream::{key_slot, Mode, Target, Upstream};
+use crate::{metrics, Proxy};
+
+/// Messages waiting for the client, filled by the subscriber tasks.
+pub struct Outbox {
+    queue: Mutex<VecDeque<Bytes>>,
+    bytes: AtomicUsize,
+    limit: usize,
+    /// Something was queued.
+    pub ready: Notify,
+    /// The client is over its limit: close it.
+    pub overflow: Notify,
+    over: AtomicBool,
+}
+
+impl Outbox {
+    fn new(limit: u64) -> Outbox {
+        Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            bytes: AtomicUsize::new(0),
+            limit: limit as usize,
+            ready: Notify::new(),
+            overflow: Notify::new(),
+            over: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues a frame; false once the client is over its limit (it is being dropped).
+    fn push(&self, frame: Bytes) -> bool {
+        if self.over.load(Ordering::Acquire) {
+            return false;
+        }
+        let n = self.bytes.fetch_add(frame.len(), Ordering::AcqRel) + frame.len();
+        if n > self.limit {
+            if !self.over.swap(true, Ordering::AcqRel) {
+                metrics::PUBSUB_DROPPED_CLIENTS.fetch_add(1, Ordering::Relaxed);
+                // A stored permit: the client loop sees it even if not waiting right now.
+                self.overflow.notify_one();
+            }
+            return false;
+        }
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(frame);
+        self.ready.notify_one();
+        true
+    }
+
+    /// Moves every queued frame into `out`.
+    pub fn drain_into(&self, out: &mut BytesMut) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        while let Some(f) = q.pop_front() {
+            n += f.len();
+            metrics::PUBSUB_MESSAGES_OUT.fetch_add(1, Ordering::Relaxed);
+            out.extend_from_slice(&f);
+        }
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn is_over(&self) -> bool {
+        self.over.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Channel,
+    Pattern,
+    Shard,
+}
+
+impl Kind {
+    fn of(name: &str) -> Option<(Kind, bool)> {
+        Some(match name {
+            "subscribe" => (Kind::Channel, true),
+            "unsubscribe" => (Kind::Channel, false),
+            "psubscribe" => (Kind::Pattern, true),
+            "punsubscribe" => (Kind::Pattern, false),
+            "ssubscribe" => (Kind::Shard, true),
+            "sunsubscribe" => (Kind::Shard, false),
+            _ => return None,
+        })
+    }
+
+    fn reply_name(self, sub: bool) -> &'static str {
+        match (self, sub) {
+            (Kind::Channel, true) => "subscribe",
+            (Kind::Channel, false) => "unsubscribe",
+            (Kind::Pattern, true) => "psubscribe",
+            (Kind::Pattern, false) => "punsubscribe",
+            (Kind::Shard, true) => "ssubscribe",
+            (Kind::Shard, false) => "sunsubscribe",
+        }
+    }
+
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// A session's subscriptions and the connections that carry them.
+pub struct PubSub {
+    sets: [BTreeSet<Bytes>; 3],
+    /// Patterns (they match channels of every slot: any node will do).
+    main: Option<SubConn>,
+    /// Channels and shard channels, on the owner of their slot (by address at
+    /// subscription time).
+    by_node: HashMap<Arc<str>, SubConn>,
+    /// Which connection carries each channel / shard channel.
+    node_of: HashMap<(bool, Bytes), Arc<str>>,
+    pub out: Arc<Outbox>,
+}
+
+impl PubSub {
+    fn new(limit: u64) -> PubSub {
+        PubSub {
+            sets: Default::default(),
+            main: None,
+            by_node: HashMap::new(),
+            node_of: HashMap::new(),
+            out: Arc::new(Outbox::new(limit)),
+        }
+    }
+
+    /// Redis's count for (un)subscribe replies of this kind.
+    fn count(&self, kind: Kind) -> i64 {
+        match kind {
+            Kind::Shard => self.sets[2].len() as i64,
+            _ => (self.sets[0].len() + self.sets[1].len()) as i64,
+        }
+    }
+
+    /// In subscribed mode (RESP2 restricts commands then).
+    pub fn active(&self) -> bool {
+        self.sets.iter().any(|s| !s.is_empty())
+    }
+}
+
+impl Drop for PubSub {
+    fn drop(&mut self) {
+        let n: usize = self.sets.iter().map(|s| s.len()).sum();
+        metrics::SUBSCRIPTIONS_NOW.fetch_sub(n as i64, Ordering::Relaxed);
+    }
+}
+
+/// Subscribed mode in RESP2: what may run (Redis's list).
+pub fn allowed_in_resp2_subscribed(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"subscribe"
+            | b"unsubscribe"
+            | b"psubscribe"
+            | b"punsubscribe"
+            | b"ssubscribe"
+            | b"sunsubscribe"
+            | b"ping"
+            | b"quit"
+            | b"reset"
+    )
+}
+
+/// PING in RESP2 subscribed mode: `["pong", message]`.
+pub fn subscribed_ping(req: &Request) -> Pending {
+    let msg = req.args.get(1).cloned().unwrap_or_default();
+    Pending::Ready(Value::Array(vec![
+        Value::bulk_str("pong"),
+        Value::Bulk(msg),
+    ]))
+}
+
+fn confirmation(kind: Kind, sub: bool, name: Option<Bytes>, count: i64) -> Value {
+    Value::Push(vec![
+        Value::bulk_str(kind.reply_name(sub)),
+        name.map_or(Value::Null, Value::Bulk),
+        Value::Int(count),
+    ])
+}
+
+/// SUBSCRIBE, UNSUBSCRIBE, PSUBSCRIBE, PUNSUBSCRIBE, SSUBSCRIBE, SUNSUBSCRIBE.
+pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -> Pending {
+    let Some((kind, sub)) = Kind::of(name) else {
+        return Pending::error(Error::proxy(format!("'{name}' is not a subscribe command")));
+    };
+    let cluster = px.upstream.mode() == Some(Mode::Cluster);
+    let names: Vec<Bytes> = req.args[1..].to_vec();
+    // Redis Cluster: one SSUBSCRIBE names channels of one slot.
+    if kind == Kind::Shard
+        && cluster
+        && names.windows(2).any(|w| key_slot(&w[0]) != key_slot(&w[1]))
+    {
+        return Pending::error(Error::crossslot());
+    }
+    let limit = px.cfg.client.pubsub_output_limit;
+    let ps = sess
+        .pubsub
+        .get_or_insert_with(|| Box::new(PubSub::new(limit)));
+    let proto = sess.proto;
+    let mut replies = Vec::new();
+    let mut changed = Vec::new();
+    if sub {
+        for n in names {
+            if ps.sets[kind.idx()].insert(n.clone()) {
+                metrics::SUBSCRIPTIONS_NOW.fetch_add(1, Ordering::Relaxed);
+                changed.push(n.clone());
+            }
+            replies.push(confirmation(kind, true, Some(n), ps.count(kind)));
+        }
+    } else {
+        let names = if names.is_empty() {
+            ps.sets[kind.idx()].iter().cloned().collect()
+        } else {
+            names
+        };
+        if names.is_empty() {
+            replies.push(confirmation(kind, false, None, ps.count(kind)));
+        }
+        for n in names {
+            if ps.sets[kind.idx()].remove(&n) {
+                metrics::SUBSCRIPTIONS_NOW.fetch_sub(1, Ordering::Relaxed);
+                changed.push(n.clone());
+            }
+            replies.push(confirmation(kind, false, Some(n), ps.count(kind)));
+        }
+    }
+    let mut reply = BytesMut::new();
+    for r in &replies {
+        r.encode(proto, &mut reply);
+    }
+    let reply = Value::Raw(reply.freeze());
+    if changed.is_empty() {
+        return Pending::Ready(reply);
+    }
+
+    // Hand the change to the connection(s) that carry this kind. Channels live on the
+    // owner of their slot, like shard channels: PUBLISH goes there too (see
+    // `publish_target`), so its count includes every subscriber of this proxy.
+    let mut acks = Vec::new();
+    if kind == Kind::Pattern {
+        let conn = ps
+            .main
+            .get_or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
+        acks.push(conn.change(kind, sub, changed));
+        if ps.sets[Kind::Pattern.idx()].is_empty() {
+            // Closing the connection unsubscribes whatever it carried.
+            ps.main = None;
+        }
+    } else {
+        let shard = kind == Kind::Shard;
+        let mut by_conn: HashMap<Arc<str>, Vec<Bytes>> = HashMap::new();
+        for n in changed {
+            let addr = if sub {
+                let addr = px
+                    .upstream
+                    .resolve_target(&Target::Slot(key_slot(&n)))
+                    .map(|node| node.addr.clone())
+                    .unwrap_or_else(|_| Arc::from("?"));
+                ps.node_of.insert((shard, n.clone()), addr.clone());
+                addr
+            } else {
+                match ps.node_of.remove(&(shard, n.clone())) {
+                    Some(a) => a,
+                    None => continue,
+                }
+            };
+            by_conn.entry(addr).or_default().push(n);
+        }
+        for (addr, names) in by_conn {
+            let conn = ps
+                .by_node
+                .entry(addr.clone())
+                .or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
+            acks.push(conn.change(kind, sub, names));
+            if !ps.node_of.values().any(|a| *a == addr) {
+                ps.by_node.remove(&addr);
+            }
+        }
+    }
+    let timeout = px.upstream.settings.request_timeout;
+    Pending::Deferred(Box::pin(async move {
+        for ack in acks {
+            match tokio::time::timeout(timeout, ack).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Error::redis(e).to_reply(),
+                Ok(Err(_)) if !sub => {} // connection closed: unsubscribed anyway
+                Ok(Err(_)) => return Error::proxy("the subscriber connection was lost").to_reply(),
+                Err(_) => {
+                    return Error::proxy(format!(
+                        "the upstream did not confirm the subscription within {} ms",
+                        timeout.as_millis()
+                    ))
+                    .to_reply()
+                }
+            }
+        }
+        reply
+    }))
+}
+
+type Ack = oneshot::Receiver<Result<(), String>>;
+
+enum Change {
+    Apply {
+        kind: Kind,
+        sub: bool,
+        names: Vec<Bytes>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// One upstream subscriber connection, driven by its task (aborted on drop, which closes
+/// the connection and so ends its subscriptions).
+struct SubConn {
+    tx: mpsc::UnboundedSender<Change>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for SubConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SubConn {
+    fn spawn(up: Arc<Upstream>, proto: Proto, out: Arc<Outbox>) -> SubConn {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(up, proto, out, rx));
+        SubConn {
+            tx,
+            task: task.abort_handle(),
+        }
+    }
+
+    fn change(&self, kind: Kind, sub: bool, names: Vec<Bytes>) -> Ack {
+        let (done, ack) = oneshot::channel();
+        let _ = self.tx.send(Change::Apply {
+            kind,
+            sub,
+            names,
+            done,
+        });
+        ack
+    }
+}
+
+/// Confirmations an upstream command will produce, and who waits for them.
+struct Waiting {
+    reply: &'static str,
+    remaining: usize,
+    done: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
+async fn run(
+    up: Arc<Upstream>,
+    proto: Proto,
+    out: Arc<Outbox>,
+    mut rx: mpsc::UnboundedReceiver<Change>,
+) {
+    let mut sets: [BTreeSet<Bytes>; 3] = Default::default();
+    // Changes that came while disconnected wait here (their sets are already updated):
+    // they are confirmed with the (re)subscription that follows.
+    let mut unsent: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    // The first change says which slot (so which node) this connection is for.
+    match rx.recv().await {
+        Some(Change::Apply {
+            kind,
+            sub,
+            names,
+            done,
+        }) => {
+            apply(&mut sets, kind, sub, &names);
+            unsent.push(done);
+        }
+        None => return,
+    }
+    let mut first = true;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if !first {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            up.request_refresh();
+        }
+        // Wherever the slot of what it carries lives now (patterns: any node).
+        let target = match sets[0].iter().chain(sets[2].iter()).next() {
+            Some(ch) => Target::Slot(key_slot(ch)),
+            None => Target::Any,
+        };
+        let session = async {
+            let node = up.resolve_target(&target).map_err(|e| e.to_string())?;
+            let s = &up.settings;
+            let (mut rd, mut wr) = connect_tcp(&node.addr, s.connect_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = BytesMut::with_capacity(16 * 1024);
+            tokio::time::timeout(
+                s.connect_timeout,
+                handshake(&mut rd, &mut wr, &mut buf, proto, &s.handshake, Vec::new()),
+            )
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+            Ok::<_, String>((rd, wr, buf, node.addr.clone()))
+        };
+        let (mut rd, mut wr, mut buf, addr) = match session.await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "subscriber connection failed");
+                first = false;
+                // Keep taking changes so their sets stay right for the next attempt.
+                while let Ok(c) = rx.try_recv() {
+                    let Change::Apply {
+                        kind,
+                        sub,
+                        names,
+                        done,
+                    } = c;
+                    apply(&mut sets, kind, sub, &names);
+                    unsent.push(done);
+                }
+                if rx.is_closed() && sets.iter().all(|s| s.is_empty()) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        // (Re-)subscribe everything this connection carries.
+        let mut hello = BytesMut::new();
+        for kind in [Kind::Channel, Kind::Pattern, Kind::Shard] {
+            let set = &sets[kind.idx()];
+            if set.is_empty() {
+                continue;
+            }
+            let mut args: Vec<Bytes> = vec![Bytes::from_static(cmd_name(kind, true))];
+            args.extend(set.iter().cloned());
+            hello.extend_from_slice(&command_bytes(&args));
+            waiting.push_back(Waiting {
+                reply: kind.reply_name(true),
+                remaining: set.len(),
+                done: Vec::new(),
+            });
+        }
+        match waiting.back_mut() {
+            Some(last) => last.done.append(&mut unsent),
+            None => {
+                for done in unsent.drain(..) {
+                    let _ = done.send(Ok(()));
+                }
+            }
+        }
+        if !first && !hello.is_empty() {
+            metrics::PUBSUB_RESUBSCRIBED.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(upstream = %addr, "re-subscribing after a lost subscriber connection");
+        }
+        first = false;
+        if !hello.is_empty() && wr.write_all(&hello).await.is_err() {
+            continue;
+        }
+        backoff = Duration::from_millis(50);
+        // Serve until the connection fails (then reconnect) or the session goes.
+        let lost = loop {
+            // Every complete frame first.
+            let mut resubscribe = false;
+            loop {
+                let n = match frame_len(&buf) {
+                    Ok(Some(n)) => n,
+                    Ok(None) => break,
+                    Err(_) => {
+                        resubscribe = true;
+                        break;
+                    }
+                };
+                let frame = buf.split_to(n).freeze();
+                match on_frame(&up, &frame, &mut waiting, &out) {
+                    Frame::Ok => {}
+                    Frame::Unsolicited => {
+                        // The node gave up a shard channel (its slot moved): subscribe
+                        // again wherever it lives now.
+                        resubscribe = true;
+                    }
+                    Frame::Overflow => return,
+                }
+            }
+            if resubscribe {
+                break true;
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            tokio::select! {
+                r = rd.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => break true,
+                    Ok(_) => {}
+                },
+                c = rx.recv() => match c {
+                    None => return,
+                    Some(Change::Apply { kind, sub, names, done }) => {
+                        let names: Vec<Bytes> = apply(&mut sets, kind, sub, &names);
+                        if names.is_empty() {
+                            let _ = done.send(Ok(()));
+                            continue;
+                        }
+                        let mut args: Vec<Bytes> = vec![Bytes::from_static(cmd_name(kind, sub))];
+                        args.extend(names.iter().cloned());
+                        waiting.push_back(Waiting {
+                            reply: kind.reply_name(sub),
+                            remaining: names.len(),
+                            done: vec![done],
+                        });
+                        if wr.write_all(&command_bytes(&args)).await.is_err() {
+                            break true;
+                        }
+                    }
+                },
+            }
+        };
+        if lost {
+            tracing::debug!(upstream = %addr, "subscriber connection lost");
+            // Whoever waited gets the resubscription's confirmation instead.
+            for w in waiting.drain(..) {
+                unsent.extend(w.done);
+            }
+            if sets.iter().all(|s| s.is_empty()) {
+                for d in unsent.drain(..) {
+                    let _ = d.send(Ok(()));
+                }
+                if rx.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn cmd_name(kind: Kind, sub: bool) -> &'static [u8] {
+    match (kind, sub) {
+        (Kind::Channel, true) => b"SUBSCRIBE",
+        (Kind::Channel, false) => b"UNSUBSCRIBE",
+        (Kind::Pattern, true) => b"PSUBSCRIBE",
+        (Kind::Pattern, false) => b"PUNSUBSCRIBE",
+        (Kind::Shard, true) => b"SSUBSCRIBE",
+        (Kind::Shard, false) => b"SUNSUBSCRIBE",
+    }
+}
+
+/// Updates the connection's own set; the names that really changed it.
+fn apply(sets: &mut [BTreeSet<Bytes>; 3], kind: Kind, sub: bool, names: &[Bytes]) -> Vec<Bytes> {
+    let set = &mut sets[kind.idx()];
+    names
+        .iter()
+        .filter(|n| {
+            if sub {
+                set.insert((*n).clone())
+            } else {
+                set.remove(*n)
+            }
+        })
+        .cloned()
+        .collect()
+}
+
+enum Frame {
+    Ok,
+    Unsolicited,
+    Overflow,
+}
+
+fn on_frame(up: &Upstream, frame: &Bytes, waiting: &mut VecDeque<Waiting>, out: &Outbox) -> Frame {
+    if error_text(frame).is_some_and(|e| e.starts_with("MOVED ")) {
+        // Our slot map was stale: learn the new owner and reconnect there (whoever
+        // waits is confirmed by the resubscription).
+        up.redirected(frame);
+        return Frame::Unsolicited;
+    }
+    if let Some(e) = error_text(frame) {
+        // A refused (un)subscribe: its waiter learns why.
+        if let Some(w) = waiting.pop_front() {
+            for d in w.done {
+                let _ = d.send(Err(e.clone()));
+            }
+        }
+        return Frame::Ok;
+    }
+    let Some(items) = split_aggregate(frame) else {
+        return Frame::Ok;
+    };
+    let kind = items.first().and_then(|k| as_str(k)).unwrap_or_default();
+    match kind {
+        b"message" | b"pmessage" | b"smessage" => {
+            if out.push(frame.clone()) {
+                Frame::Ok
+            } else {
+                Frame::Overflow
+            }
+        }
+        b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" | b"ssubscribe"
+        | b"sunsubscribe" => {
+            let expected = waiting.front().is_some_and(|w| w.reply.as_bytes() == kind);
+            if !expected {
+                return if kind == b"sunsubscribe" {
+                    Frame::Unsolicited
+                } else {
+                    Frame::Ok
+                };
+            }
+            if let Some(w) = waiting.front_mut() {
+                w.remaining = w.remaining.saturating_sub(1);
+                if w.remaining == 0 {
+                    for d in waiting.pop_front().map(|w| w.done).unwrap_or_default() {
+                        let _ = d.send(Ok(()));
+                    }
+                }
+            }
+            Frame::Ok
+        }
+        _ => Frame::Ok,
+    }
+}
+
+/// PUBLISH goes to the owner of the channel's slot, where this proxy's subscribers to
+/// it are: the message reaches every node anyway, and the count covers them.
+pub fn publish_target(args: &[Bytes]) -> Target {
+    args.get(1)
+        .map_or(Target::Any, |ch| Target::Slot(key_slot(ch)))
+}
+
+/// PUBSUB CHANNELS / NUMSUB / NUMPAT / SHARDCHANNELS / SHARDNUMSUB over every master.
+pub fn info(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pending {
+    let px = px.clone();
+    let proto = sess.proto;
+    let hint = sess.hint();
+    let name = name.to_string();
+    Pending::Deferred(Box::pin(async move {
+        let r = async {
+            let masters = px.upstream.topology()?.masters.clone();
+            if name == "pubsub|help" || masters.is_empty() {
+                return px
+                    .upstream
+                    .call(Target::Any, req.raw.clone(), proto, hint)
+                    .await
+                    .map(Value::Raw);
+            }
+            let mut tickets = Vec::new();
+            for n in masters {
+                tickets.push(
+                    px.upstream
+                        .start(Target::Node(n), req.raw.clone(), proto, hint)
+                        .await,
+                );
+            }
+            let mut replies = Vec::new();
+            for t in tickets {
+                let r = px.upstream.finish(t).await?;
+                if error_text(&r).is_some() {
+                    return Ok(Value::Raw(r));
+                }
+                replies.push(r);
+            }
+            let bad = || Error::proxy(format!("unexpected {name} reply"));
+            match name.as_str() {
+                "pubsub|numpat" => {
+                    let mut sum = 0;
+                    for r in &replies {
+                        sum += as_int(r).ok_or_else(bad)?;
+                    }
+                    Ok(Value::Int(sum))
+                }
+                "pubsub|channels" | "pubsub|shardchannels" => {
+                    let mut all = BTreeSet::new();
+                    for r in &replies {
+                        for item in split_aggregate(r).ok_or_else(bad)? {
+                            all.insert(Bytes::copy_from_slice(as_str(&item).ok_or_else(bad)?));
+                        }
+                    }
+                    Ok(Value::Array(all.into_iter().map(Value::Bulk).collect()))
+                }
+                _ => {
+                    // NUMSUB / SHARDNUMSUB: channel, count pairs in request order, summed.
+                    let channels = &req.args[2..];
+                    let mut counts = vec![0i64; channels.len()];
+                    for r in &replies {
+                        let items = split_aggregate(r).ok_or_else(bad)?;
+                        for (i, pair) in items.chunks(2).enumerate() {
+                            if let (Some(c), [_, n]) = (counts.get_mut(i), pair) {
+                                *c += as_int(n).ok_or_else(bad)?;
+                            }
+                        }
+                    }
+                    Ok(Value::Map(
+                        channels
+                            .iter()
+                            .zip(counts)
+                            .map(|(c, n)| (Value::Bulk(c.clone()), Value::Int(n)))
+                            .collect(),
+                    ))
+                }
+            }
+        }
+        .await;
+        r.unwrap_or_else(|e: Error| e.to_reply())
+    }))
+}
