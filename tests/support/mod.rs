@@ -939,6 +939,23 @@ impl Resp {
         }
     }
 
+    /// One reply if it arrives within `limit`, else `None` (the connection stays usable).
+    pub fn read_reply_within(&mut self, limit: Duration) -> Option<Vec<u8>> {
+        let _ = self.stream.set_read_timeout(Some(limit));
+        let r = self.next_reply();
+        let _ = self.stream.set_read_timeout(Some(RESP_TIMEOUT));
+        match r {
+            Ok((_, len)) => Some(self.buf.drain(..len).collect()),
+            Err(_) => None,
+        }
+    }
+
+    /// Sends a command without waiting for its reply.
+    pub fn send(&mut self, args: &[&str]) {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.send_raw(&encode_cmd(&args));
+    }
+
     /// Everything still buffered or yet to arrive, up to the peer closing the connection
     /// (a reset counts as closing). Panics if the peer keeps it open past the read timeout.
     pub fn read_until_closed(&mut self) -> Vec<u8> {
@@ -1477,4 +1494,40 @@ pub fn random(n: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A TOML config file for `tierproxy --config`, removed when dropped (the proxy reads it at
+/// start).
+pub fn config_file(body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp config file");
+    f.write_all(body.as_bytes()).expect("write config");
+    f
+}
+
+/// `INFO clients`' `connected_clients` of a server, asked directly.
+pub fn connected_clients(addr: &str) -> i64 {
+    let mut c = Resp::connect(addr);
+    let info = String::from_utf8_lossy(&c.cmd(&["INFO", "clients"])).into_owned();
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .map(|n| n - 1) // not counting the connection asking
+        .unwrap_or_else(|| panic!("no connected_clients in {info:?}"))
+}
+
+/// Polls `f` every 50 ms until it returns true or `limit` passes; whether it did.
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }
