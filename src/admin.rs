@@ -21,12 +21,25 @@ pub async fn serve(px: Arc<Proxy>, listener: TcpListener) {
         };
         let px = px.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let n = match tokio::time::timeout(REQUEST_TIMEOUT, sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            // The request line may arrive in pieces: read until the end of the head
+            // (or 8 KiB, or the timeout).
+            let mut buf = Vec::with_capacity(1024);
+            let read_head = async {
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
             };
-            let head = String::from_utf8_lossy(&buf[..n]);
+            if tokio::time::timeout(REQUEST_TIMEOUT, read_head)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = route(&px, path);
             let resp = format!(

@@ -82,6 +82,10 @@ pub struct L3Config {
     ///                                                         env CACHE_L3_SIGNING_KEY
     pub signing_key: String,
     pub zstd_level: i32,
+    /// In-Redis compression: values of at least this many bytes (and not over the
+    /// threshold) are stored zstd-compressed in Redis when that makes them smaller;
+    /// 0 = off.                                                 env CACHE_L2_COMPRESSION_MIN_BYTES
+    pub compression_min_bytes: u64,
     /// Every store call fails after this long.
     pub timeout_ms: u64,
     /// Background sweep period; 0 = only `tierproxy sweep`.
@@ -108,6 +112,7 @@ impl Default for L3Config {
             prefix: DEFAULT_L3_PREFIX.into(),
             signing_key: String::new(),
             zstd_level: DEFAULT_L3_ZSTD_LEVEL,
+            compression_min_bytes: 0,
             timeout_ms: DEFAULT_L3_TIMEOUT_MS,
             sweep_interval_secs: 6 * 3600,
             sweep_grace_secs: 3600,
@@ -469,6 +474,13 @@ impl Config {
                 ))
             })?;
         }
+        if let Some(v) = get("CACHE_L2_COMPRESSION_MIN_BYTES") {
+            self.l3.compression_min_bytes = v.trim().parse().map_err(|_| {
+                StartError::Config(format!(
+                    "CACHE_L2_COMPRESSION_MIN_BYTES (l3.compression_min_bytes): {v:?} is not a number"
+                ))
+            })?;
+        }
         if let Some(v) = get("CACHE_L3_DIR") {
             self.l3.dir = v;
         }
@@ -617,6 +629,12 @@ impl Config {
         }
         if l3.threshold_bytes < 1024 {
             return bad("l3.threshold_bytes", "must be at least 1024".into());
+        }
+        if l3.compression_min_bytes > 0 && l3.compression_min_bytes < 128 {
+            return bad(
+                "l3.compression_min_bytes",
+                "must be 0 (off) or at least 128: the envelope alone is 90 bytes".into(),
+            );
         }
         if !(1..=22).contains(&l3.zstd_level) {
             return bad("l3.zstd_level", "must be 1..=22".into());

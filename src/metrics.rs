@@ -24,6 +24,10 @@ pub const SPILL_BYTES: &str = "tierproxy_spill_bytes_total";
 pub const SPILL_ERRORS: &str = "tierproxy_spill_errors_total";
 pub const SPILL_STORE_SECONDS: &str = "tierproxy_spill_store_seconds_total";
 pub const SPILL_STORE_OPS: &str = "tierproxy_spill_store_operations_total";
+pub const SPILL_STORE_FAILURES: &str = "tierproxy_spill_store_errors_total";
+pub const SPILL_STORE_DURATION: &str = "tierproxy_spill_store_duration_seconds";
+pub const L2_COMPRESSION_BYTES: &str = "tierproxy_l2_compression_bytes_total";
+pub const L2_COMPRESSED_WRITES: &str = "tierproxy_l2_compressed_writes_total";
 pub const SPILL_SWEPT: &str = "tierproxy_spill_swept_total";
 pub const COMMANDS: &str = "tierproxy_commands_total";
 pub const ERRORS: &str = "tierproxy_error_replies_total";
@@ -101,6 +105,18 @@ pub fn install() -> Option<PrometheusHandle> {
         "Time spent in spill store calls (with _operations_total: mean latency)."
     );
     describe_counter!(SPILL_STORE_OPS, "Spill store calls.");
+    describe_counter!(
+        SPILL_STORE_FAILURES,
+        "Failed spill store calls by op (put, get, delete) and kind (timeout, not_found, io, denied, throttled, server, client, connection, other)."
+    );
+    describe_counter!(
+        L2_COMPRESSION_BYTES,
+        "Values compressed in Redis (l3.compression_min_bytes): direction=in (original) or stored (compressed)."
+    );
+    describe_counter!(
+        L2_COMPRESSED_WRITES,
+        "Values stored zstd-compressed in Redis."
+    );
     describe_counter!(
         SPILL_SWEPT,
         "Unreferenced spilled objects deleted by the sweeper."
@@ -198,6 +214,18 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
         counter!(SPILL_STORE_SECONDS).absolute(ld(&st.store_ms_total) / 1000);
         counter!(SPILL_STORE_OPS).absolute(ld(&st.store_ops));
         counter!(SPILL_SWEPT).absolute(ld(&st.swept));
+        let failures = st
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for ((op, kind), n) in failures {
+            counter!(SPILL_STORE_FAILURES, "op" => op, "kind" => kind).absolute(n);
+        }
+        counter!(L2_COMPRESSED_WRITES).absolute(ld(&st.compressed_writes));
+        counter!(L2_COMPRESSION_BYTES, "direction" => "in").absolute(ld(&st.compressed_bytes_in));
+        counter!(L2_COMPRESSION_BYTES, "direction" => "stored")
+            .absolute(ld(&st.compressed_bytes_stored));
     }
     if let Some(l1) = &px.l1 {
         let st = &l1.stats;
@@ -213,5 +241,34 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
         counter!(L1_FILLS_RACED).absolute(ld(&st.fills_raced));
         counter!(L1_MERGED).absolute(ld(&st.merged));
     }
-    handle.render()
+    let mut text = handle.render();
+    if let Some(sp) = &px.spill {
+        render_store_latency(&sp.stats, &mut text);
+    }
+    text
+}
+
+/// The spill store latency histogram, in Prometheus's text format (kept in our own
+/// atomics, so it is written here rather than through the registry).
+fn render_store_latency(st: &crate::spill::SpillStats, out: &mut String) {
+    use std::fmt::Write;
+    let name = SPILL_STORE_DURATION;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Spill store call latency (S3 or the local directory), by op."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (op, h) in crate::spill::STORE_OPS.iter().zip(&st.latency) {
+        let mut cumulative = 0;
+        for (i, b) in h.buckets.iter().enumerate() {
+            cumulative += b.load(Ordering::Relaxed);
+            let le = crate::spill::LATENCY_BUCKETS
+                .get(i)
+                .map_or("+Inf".to_string(), |v| v.to_string());
+            let _ = writeln!(out, "{name}_bucket{{op=\"{op}\",le=\"{le}\"}} {cumulative}");
+        }
+        let sum = h.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{op=\"{op}\"}} {sum}");
+        let _ = writeln!(out, "{name}_count{{op=\"{op}\"}} {cumulative}");
+    }
 }

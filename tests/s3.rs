@@ -118,6 +118,24 @@ fn s3_going_away_fails_requests_not_connections_and_loses_nothing() {
     let v2 = random(THRESHOLD * 3, 3);
     assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v2]), b"+OK\r\n");
     assert_eq!(c.cmd(&["GET", &k]), bulk(&v2));
+    // A ranged read of an incompressible (raw) object fetches only that range.
+    assert_eq!(c.cmd(&["GETRANGE", &k, "10", "19"]), bulk(&v2[10..20]));
+
+    // The failures are counted by operation and kind, the latency as a histogram.
+    let (_, metrics) = px.admin_get("/metrics");
+    let failed_puts: u64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tierproxy_spill_store_errors_total{") && l.contains("op=\"put\"")
+        })
+        .filter_map(|l| l.rsplit(" ").next()?.parse::<u64>().ok())
+        .sum();
+    assert!(failed_puts >= 1, "no failed put counted:\n{metrics}");
+    assert!(
+        metrics.contains("tierproxy_spill_store_duration_seconds_bucket{op=\"get\",le=\"+Inf\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE tierproxy_spill_store_duration_seconds histogram"));
 }
 
 #[test]

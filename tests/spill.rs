@@ -608,26 +608,205 @@ fn the_sweeper_deletes_only_unreferenced_objects() {
 }
 
 #[test]
-fn lcs_refuses_spilled_values_and_prometheus_counts_the_spill() {
+fn prometheus_counts_the_spill() {
     let mut c = conn();
-    let t = tag("lcs");
-    let (a, b, big) = (format!("{t}a"), format!("{t}b"), format!("{t}big"));
-    c.cmd(&["SET", &a, "ohmytext"]);
-    c.cmd(&["SET", &b, "mynewtext"]);
-    assert_eq!(c.cmd(&["LCS", &a, &b]), b"$6\r\nmytext\r\n");
-    assert_eq!(c.cmd(&["LCS", &a, &b, "LEN"]), b":6\r\n");
+    let big = format!("{}big", tag("prom"));
     c.cmd_bytes(&[b"SET", big.as_bytes(), &random(THRESHOLD * 2, 77)]);
-    assert_eq!(
-        c.cmd(&["LCS", &a, &big]),
-        b"-ERR tierproxy: LCS on a spilled value is not supported\r\n"
-    );
+    c.cmd(&["GET", &big]);
     let (status, body) = setup().proxy.admin_get("/metrics");
     assert_eq!(status, 200);
     for name in [
         "tierproxy_spill_writes_total",
         "tierproxy_spill_bytes_total{direction=\"stored\"}",
         "tierproxy_cache_hits_total{level=\"l3\"}",
+        "tierproxy_spill_store_duration_seconds_bucket{op=\"put\",le=\"0.001\"}",
     ] {
         assert!(body.contains(name), "{name} missing from\n{body}");
     }
+}
+
+#[test]
+fn lcs_on_spilled_values_is_the_lcs_redis_computes() {
+    let mut c = conn();
+    let t = tag("lcs_spilled");
+    let alphabet = |n: usize, seed: u64| -> Vec<u8> {
+        random(n, seed)
+            .iter()
+            .map(|b| b"acgt"[(b % 4) as usize])
+            .collect()
+    };
+    let (big, small) = (alphabet(THRESHOLD + 100, 5), alphabet(300, 6));
+    let (pb, ps) = (format!("{t}pb"), format!("{t}ps"));
+    let (db, ds) = (format!("{t}db"), format!("{t}ds"));
+    c.cmd_bytes(&[b"SET", pb.as_bytes(), &big]);
+    c.cmd_bytes(&[b"SET", ps.as_bytes(), &small]);
+    // The same values written directly to Redis, where LCS runs natively.
+    direct().cmd(&[b"SET", db.as_bytes(), &big]);
+    direct().cmd(&[b"SET", ds.as_bytes(), &small]);
+    assert!(
+        direct().cmd(&[b"GET", pb.as_bytes()]).len() < 400,
+        "not spilled"
+    );
+    for opts in [
+        vec![],
+        vec!["LEN"],
+        vec!["IDX"],
+        vec!["IDX", "MINMATCHLEN", "3", "WITHMATCHLEN"],
+    ] {
+        let mut through: Vec<&str> = vec!["LCS", &pb, &ps];
+        through.extend(&opts);
+        let mut native: Vec<&[u8]> = vec![b"LCS", db.as_bytes(), ds.as_bytes()];
+        native.extend(opts.iter().map(|o| o.as_bytes()));
+        assert_eq!(
+            String::from_utf8_lossy(&c.cmd(&through)),
+            String::from_utf8_lossy(&direct().cmd(&native)),
+            "LCS {opts:?}"
+        );
+    }
+    assert_eq!(
+        c.cmd(&["LCS", &pb, &ps, "IDX", "LEN"]),
+        b"-ERR If you want both the length and indexes, please just use IDX.\r\n"
+    );
+}
+
+#[test]
+fn getrange_of_a_raw_object_is_a_ranged_read() {
+    let mut c = conn();
+    let k = format!("{}raw", tag("ranged"));
+    let v = random(THRESHOLD * 8, 11); // incompressible: stored raw
+    c.cmd_bytes(&[b"SET", k.as_bytes(), &v]);
+    let before = info_field(&mut c, "spill_ranged_reads");
+    assert_eq!(c.cmd(&["GETRANGE", &k, "100", "199"]), bulk(&v[100..200]));
+    assert_eq!(
+        c.cmd(&["GETRANGE", &k, "-10", "-1"]),
+        bulk(&v[v.len() - 10..])
+    );
+    assert_eq!(c.cmd(&["SUBSTR", &k, "0", "0"]), bulk(&v[..1]));
+    assert_eq!(c.cmd(&["GETRANGE", &k, "5", "1"]), b"$0\r\n\r\n");
+    assert_eq!(
+        c.cmd(&["GETRANGE", &k, "0", "-1"]),
+        bulk(&v),
+        "a range over the whole value"
+    );
+    assert!(info_field(&mut c, "spill_ranged_reads") >= before + 4);
+    // A compressed object is resolved whole, then cut.
+    let z = format!("{}zstd", tag("ranged"));
+    let compressible = vec![b'q'; THRESHOLD * 8];
+    c.cmd_bytes(&[b"SET", z.as_bytes(), &compressible]);
+    assert_eq!(c.cmd(&["GETRANGE", &z, "7", "9"]), b"$3\r\nqqq\r\n");
+}
+
+#[test]
+fn append_racing_set_loses_nothing_and_corrupts_nothing() {
+    let k = format!("{}race", tag("append_set"));
+    let filler = random(THRESHOLD * 2, 21);
+    let value = move |i: usize| -> Vec<u8> {
+        let mut v = format!("S{i}:").into_bytes();
+        v.extend_from_slice(&filler);
+        v
+    };
+    conn().cmd_bytes(&[b"SET", k.as_bytes(), &value(0)]);
+    let setter = {
+        let k = k.clone();
+        let value = value.clone();
+        std::thread::spawn(move || {
+            let mut c = conn();
+            for i in 1..=20 {
+                assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &value(i)]), b"+OK\r\n");
+            }
+        })
+    };
+    let appender = {
+        let k = k.clone();
+        std::thread::spawn(move || {
+            let mut c = conn();
+            for _ in 0..40 {
+                let r = c.cmd(&["APPEND", &k, "|a"]);
+                assert!(r.starts_with(b":"), "{}", String::from_utf8_lossy(&r));
+            }
+        })
+    };
+    let mut reader = conn();
+    for _ in 0..20 {
+        let r = reader.cmd(&["GET", &k]);
+        assert!(
+            r.starts_with(b"$"),
+            "a read during the race failed: {}",
+            String::from_utf8_lossy(&r)
+        );
+    }
+    setter.join().unwrap();
+    appender.join().unwrap();
+    // Whatever the interleaving: one SET's value, then only whole appends.
+    let got = conn().cmd(&["GET", &k]);
+    let body = &got[got.iter().position(|&b| b == b'\n').unwrap() + 1..got.len() - 2];
+    let i: usize = std::str::from_utf8(&body[1..body.iter().position(|&b| b == b':').unwrap()])
+        .unwrap()
+        .parse()
+        .unwrap();
+    let base = value(i);
+    assert_eq!(&body[..base.len()], &base[..], "the SET's value is intact");
+    let tail = &body[base.len()..];
+    assert!(
+        tail.len().is_multiple_of(2) && tail.chunks(2).all(|c| c == b"|a"),
+        "appends are whole"
+    );
+    assert!(tail.len() / 2 <= 40);
+}
+
+#[test]
+fn in_redis_compression_is_transparent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        cfg,
+        "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ncompression_min_bytes = 1024\ndir = \"{}\"\n",
+        dir.path().display()
+    )
+    .unwrap();
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let t = tag("l2z");
+    let (z, r, s) = (format!("{t}z"), format!("{t}r"), format!("{t}s"));
+    let text: Vec<u8> = b"hello compressible world ".repeat(120); // 3000 bytes
+    let noise = random(3000, 31);
+    assert_eq!(c.cmd_bytes(&[b"SET", z.as_bytes(), &text]), b"+OK\r\n");
+    assert_eq!(c.cmd_bytes(&[b"SET", r.as_bytes(), &noise]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["SET", &s, "short"]), b"+OK\r\n");
+    // Redis holds a small envelope for the compressible value, the others as they are.
+    let held = direct().cmd(&[b"STRLEN", z.as_bytes()]);
+    let held: usize = String::from_utf8_lossy(&held[1..]).trim().parse().unwrap();
+    assert!(held < 600, "compressed value takes {held} bytes in Redis");
+    assert_eq!(direct().cmd(&[b"GET", r.as_bytes()]), bulk(&noise));
+    assert_eq!(direct().cmd(&[b"GET", s.as_bytes()]), b"$5\r\nshort\r\n");
+    // Through the proxy, every read and write sees the original value.
+    assert_eq!(c.cmd(&["GET", &z]), bulk(&text));
+    assert_eq!(c.cmd(&["STRLEN", &z]), b":3000\r\n");
+    assert_eq!(c.cmd(&["GETRANGE", &z, "6", "10"]), b"$5\r\ncompr\r\n");
+    assert_eq!(c.cmd(&["APPEND", &z, "!"]), b":3001\r\n");
+    let mut want = text.clone();
+    want.push(b'!');
+    assert_eq!(c.cmd(&["GET", &z]), bulk(&want));
+    assert_eq!(
+        c.cmd(&["MGET", &z, &r, &s]),
+        [
+            b"*3\r\n".to_vec(),
+            bulk(&want),
+            bulk(&noise),
+            b"$5\r\nshort\r\n".to_vec()
+        ]
+        .concat()
+    );
+    assert!(info_field(&mut c, "l2_compressed_writes") >= 2);
+    let (_, metrics) = px.admin_get("/metrics");
+    assert!(
+        metrics.contains("tierproxy_l2_compressed_writes_total"),
+        "{metrics}"
+    );
+    // Nothing went to the store: compression happens in Redis.
+    assert_eq!(objects(dir.path()), 0);
 }

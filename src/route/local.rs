@@ -807,6 +807,25 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                         ld(&st.store_ms_total) as f64 / ops as f64,
                         ld(&st.swept),
                     ));
+                    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+                    let failures: Vec<String> = st
+                        .failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|((op, kind), n)| format!("{op}_{kind}={n}"))
+                        .collect();
+                    out.push_str(&format!(
+                        "spill_ranged_reads:{}\r\nspill_compression_ratio:{:.2}\r\nspill_store_errors:{}\r\nl2_compression_min_bytes:{}\r\nl2_compressed_writes:{}\r\nl2_compressed_bytes_in:{}\r\nl2_compressed_bytes_stored:{}\r\nl2_compression_ratio:{:.2}\r\n",
+                        ld(&st.ranged_reads),
+                        ratio(ld(&st.bytes_in), ld(&st.bytes_stored)),
+                        failures.join(","),
+                        sp.compress_min,
+                        ld(&st.compressed_writes),
+                        ld(&st.compressed_bytes_in),
+                        ld(&st.compressed_bytes_stored),
+                        ratio(ld(&st.compressed_bytes_in), ld(&st.compressed_bytes_stored)),
+                    ));
                 }
                 None => out.push_str("spill_enabled:0\r\n"),
             }

@@ -8,6 +8,7 @@
 mod blocking;
 mod cache;
 mod keyspace;
+mod lcs;
 mod local;
 mod multi;
 pub mod pubsub;

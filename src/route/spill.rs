@@ -232,11 +232,6 @@ pub async fn string_op(
                 }
                 _ => {
                     // GETRANGE / SUBSTR key start end on the resolved value.
-                    let v = whole_value(&px, target, &key, hint).await?;
-                    let value = spill
-                        .resolve(v)
-                        .await
-                        .map_err(|e| Error::proxy(e.to_string()))?;
                     let int = |b: &Bytes| {
                         std::str::from_utf8(b)
                             .ok()
@@ -245,7 +240,20 @@ pub async fn string_op(
                     let (Some(start), Some(end)) = (int(&req.args[2]), int(&req.args[3])) else {
                         return Err(Error::redis("ERR value is not an integer or out of range"));
                     };
-                    Ok(Value::Bulk(range(&value, start, end)))
+                    let v = whole_value(&px, target, &key, hint).await?;
+                    let stub = match spill.parse(&v) {
+                        Some(Ok(st)) => st,
+                        Some(Err(e)) => return Err(Error::proxy(e.to_string())),
+                        None => return Ok(Value::Bulk(range(&v, start, end))),
+                    };
+                    let Some((s, e)) = range_bounds(stub.original_len, start, end) else {
+                        return Ok(Value::Bulk(Bytes::new()));
+                    };
+                    let part = spill
+                        .resolve_range(&stub, v, s, e)
+                        .await
+                        .map_err(|e| Error::proxy(e.to_string()))?;
+                    Ok(Value::Bulk(part))
                 }
             }
         }
@@ -327,18 +335,57 @@ pub async fn lcs(px: &Arc<Proxy>, proto: Proto, hint: usize, req: Request) -> Pe
         .start(target, command_bytes(&script), proto, hint)
         .await;
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
-        match px.upstream.finish(ticket).await {
-            Ok(r)
-                if crate::parse::reply::error_text(&r).as_deref()
-                    == Some("ERR TIERPROXY_SPILLED") =>
-            {
-                Error::proxy("LCS on a spilled value is not supported").to_reply()
+    // Deferred: the spilled case reads the values again, and no later command of the
+    // pipeline may change them first.
+    Pending::Deferred(Box::pin(async move {
+        let r = async {
+            let reply = px.upstream.finish(ticket).await?;
+            if crate::parse::reply::error_text(&reply).as_deref() != Some("ERR TIERPROXY_SPILLED") {
+                return Ok(Value::Raw(reply));
             }
-            Ok(r) => Value::Raw(r),
-            Err(e) => e.to_reply(),
+            spilled_lcs(&px, hint, &req).await
         }
+        .await;
+        r.unwrap_or_else(|e: Error| e.to_reply())
     }))
+}
+
+/// LCS when a value is spilled: both values read, resolved, and compared here as Redis
+/// would.
+async fn spilled_lcs(px: &Proxy, hint: usize, req: &Request) -> Result<Value, Error> {
+    let opts = super::lcs::options(&req.args[3..])?;
+    let spill = px
+        .spill
+        .as_ref()
+        .ok_or_else(|| Error::proxy("spill disabled"))?;
+    let target = Target::Slot(key_slot(&req.args[1]));
+    // GET each (not MGET) so that a key of another type answers WRONGTYPE, as LCS does.
+    let mut values = Vec::with_capacity(2);
+    for k in &req.args[1..3] {
+        let raw = px
+            .upstream
+            .call(
+                target.clone(),
+                command_bytes(&[&b"GET"[..], k]),
+                Proto::Resp2,
+                hint,
+            )
+            .await?;
+        if let Some(e) = crate::parse::reply::error_text(&raw) {
+            return Err(Error::redis(e));
+        }
+        let v = as_str(&raw).map(Bytes::copy_from_slice).unwrap_or_default();
+        values.push(
+            spill
+                .resolve(v)
+                .await
+                .map_err(|e| Error::proxy(e.to_string()))?,
+        );
+    }
+    let (a, b) = (values[0].clone(), values[1].clone());
+    tokio::task::spawn_blocking(move || super::lcs::lcs(&a, &b, opts))
+        .await
+        .map_err(|e| Error::proxy(format!("LCS task: {e}")))?
 }
 
 async fn guarded_write(
@@ -513,9 +560,18 @@ async fn read_modify_write(
 
 /// Redis's GETRANGE arithmetic.
 fn range(v: &Bytes, start: i64, end: i64) -> Bytes {
-    let len = v.len() as i64;
+    match range_bounds(v.len() as u64, start, end) {
+        Some((s, e)) => v.slice(s as usize..=e as usize),
+        None => Bytes::new(),
+    }
+}
+
+/// The inclusive byte range GETRANGE `start end` selects of a `len`-byte value; `None`
+/// for an empty result.
+fn range_bounds(len: u64, start: i64, end: i64) -> Option<(u64, u64)> {
+    let len = len as i64;
     if len == 0 || (start < 0 && end < 0 && start > end) {
-        return Bytes::new();
+        return None;
     }
     let mut s = if start < 0 { len + start } else { start };
     let mut e = if end < 0 { len + end } else { end };
@@ -525,9 +581,9 @@ fn range(v: &Bytes, start: i64, end: i64) -> Bytes {
         e = len - 1;
     }
     if s > e || len == 0 {
-        return Bytes::new();
+        return None;
     }
-    v.slice(s as usize..=e as usize)
+    Some((s as u64, e as u64))
 }
 
 #[cfg(test)]

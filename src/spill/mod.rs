@@ -53,14 +53,58 @@ pub struct SpillStats {
     pub discarded: AtomicU64,
     pub store_ms_total: AtomicU64,
     pub store_ops: AtomicU64,
+    /// Store call latency per operation (put, get, delete): a histogram.
+    pub latency: [Histogram; 3],
+    /// Store call failures by operation and kind (see `StoreError::kind`).
+    pub failures: Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    /// GETRANGE/SUBSTR answered with a ranged store read.
+    pub ranged_reads: AtomicU64,
+    /// In-Redis compression (values between `compression_min_bytes` and the threshold).
+    pub compressed_writes: AtomicU64,
+    pub compressed_bytes_in: AtomicU64,
+    pub compressed_bytes_stored: AtomicU64,
     /// Unreferenced objects deleted by the sweeper.
     pub swept: AtomicU64,
+}
+
+/// Upper bounds (seconds) of the store latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+pub const STORE_OPS: [&str; 3] = ["put", "get", "delete"];
+const OP_PUT: usize = 0;
+const OP_GET: usize = 1;
+const OP_DELETE: usize = 2;
+
+/// A fixed-bucket latency histogram in atomics (rendered as a Prometheus histogram).
+#[derive(Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    pub buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    pub sum_us: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 type Waiters = Vec<oneshot::Sender<Result<Bytes, SpillError>>>;
 
 pub struct Spill {
     pub threshold: usize,
+    /// In-Redis compression from this size up (below the threshold); 0 = off.
+    pub compress_min: usize,
     key: Vec<u8>,
     prefix: String,
     level: i32,
@@ -90,6 +134,7 @@ impl Spill {
         };
         Ok(Spill {
             threshold: cfg.threshold_bytes as usize,
+            compress_min: cfg.compression_min_bytes as usize,
             key,
             prefix: cfg.prefix.clone(),
             level: cfg.zstd_level,
@@ -116,23 +161,69 @@ impl Spill {
         &self.rmw_locks[(stripe as usize) % self.rmw_locks.len()]
     }
 
-    /// Whether a value written by a client must not go to Redis as it is.
+    /// Whether a value written by a client may not go to Redis as it is: it is spilled,
+    /// compressed, or escaped because it looks like a stub.
     pub fn must_wrap(&self, value: &[u8]) -> bool {
-        value.len() > self.threshold || stub::is_stub(value)
+        value.len() > self.threshold
+            || stub::is_stub(value)
+            || (self.compress_min > 0 && value.len() >= self.compress_min)
     }
 
+    /// A value under the threshold: compressed into an inline envelope when compression
+    /// is on and pays (envelope included), escaped if it looks like a stub, else as is.
+    fn wrap_small(&self, value: Bytes) -> Bytes {
+        if self.compress_min > 0 && value.len() >= self.compress_min {
+            if let Ok(c) = zstd::bulk::compress(&value, self.level) {
+                if c.len() + stub::ENVELOPE < value.len() {
+                    let st = &self.stats;
+                    st.compressed_writes.fetch_add(1, Ordering::Relaxed);
+                    st.compressed_bytes_in
+                        .fetch_add(value.len() as u64, Ordering::Relaxed);
+                    let stub = Stub {
+                        codec: Codec::Zstd,
+                        original_len: value.len() as u64,
+                        stored_len: c.len() as u64,
+                        checksum: stub::sha256(&value),
+                        body: Body::Inline(Bytes::from(c)),
+                    };
+                    let enc = stub.encode(&self.key);
+                    st.compressed_bytes_stored
+                        .fetch_add(enc.len() as u64, Ordering::Relaxed);
+                    return enc;
+                }
+            }
+        }
+        if stub::is_stub(&value) {
+            return Stub::inline(value).encode(&self.key);
+        }
+        value
+    }
+
+    /// Runs one store call (`op` is an index into [`STORE_OPS`]) under the timeout,
+    /// recording its latency and, if it fails, the kind of failure.
     async fn timed<T>(
         &self,
+        op: usize,
         f: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let start = std::time::Instant::now();
         let r = tokio::time::timeout(self.timeout, f)
             .await
             .unwrap_or(Err(StoreError::Timeout(self.timeout.as_millis() as u64)));
+        let took = start.elapsed();
         self.stats
             .store_ms_total
-            .fetch_add(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_millis() as u64, Ordering::Relaxed);
         self.stats.store_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.latency[op].observe(took);
+        if let Err(e) = &r {
+            let mut f = self
+                .stats
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            *f.entry((STORE_OPS[op], e.kind())).or_default() += 1;
+        }
         r
     }
 
@@ -141,7 +232,7 @@ impl Spill {
     /// or the envelope of a small value that merely looks like a stub.
     pub async fn wrap(&self, value: Bytes) -> Result<(Bytes, Option<String>), SpillError> {
         if value.len() <= self.threshold {
-            return Ok((Stub::inline(value).encode(&self.key), None));
+            return Ok((self.wrap_small(value), None));
         }
         let level = self.level;
         let original = value.clone();
@@ -171,10 +262,10 @@ impl Spill {
             body: Body::Object(name.clone()),
         };
         let stored_len = stored.len() as u64;
-        if let Err(e) = self.timed(self.store.put(&name, stored)).await {
+        if let Err(e) = self.timed(OP_PUT, self.store.put(&name, stored)).await {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             // A timed-out put may still land: make sure it does not linger.
-            let _ = self.timed(self.store.delete(&name)).await;
+            let _ = self.timed(OP_DELETE, self.store.delete(&name)).await;
             return Err(e.into());
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -189,7 +280,7 @@ impl Spill {
 
     /// Deletes an object no stub refers to (Redis refused the write).
     pub async fn discard(&self, name: &str) {
-        if self.timed(self.store.delete(name)).await.is_ok() {
+        if self.timed(OP_DELETE, self.store.delete(name)).await.is_ok() {
             self.stats.discarded.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -207,9 +298,17 @@ impl Spill {
         let stub = parsed.inspect_err(|_| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         })?;
-        let out = match &stub.body {
-            Body::Inline(p) => p.clone(),
-            Body::Object(name) => self.fetch(name, &stub).await?,
+        let out = match (&stub.body, stub.codec) {
+            (Body::Inline(p), Codec::Raw) => p.clone(),
+            (Body::Inline(p), Codec::Zstd) => {
+                if p.len() as u64 != stub.stored_len {
+                    return Err(SpillError::Corrupt("inline length mismatch".into()));
+                }
+                zstd::bulk::decompress(p, stub.original_len as usize)
+                    .map(Bytes::from)
+                    .map_err(|e| SpillError::Corrupt(format!("zstd: {e}")))?
+            }
+            (Body::Object(name), _) => self.fetch(name, &stub).await?,
         };
         if out.len() as u64 != stub.original_len || stub::sha256(&out) != stub.checksum {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -220,6 +319,36 @@ impl Spill {
             .bytes_out
             .fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+
+    /// Bytes `start..=end` (already clamped to the value) of a spilled value. An object
+    /// stored raw (incompressible data) is read by range from the store; anything else
+    /// is resolved whole and cut. A ranged read cannot check the whole value's checksum:
+    /// it relies on the object name, which the authenticated stub names, never being
+    /// reused (objects are immutable).
+    pub async fn resolve_range(
+        &self,
+        stub: &Stub,
+        value: Bytes,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, SpillError> {
+        if let (Body::Object(name), Codec::Raw) = (&stub.body, stub.codec) {
+            if end < stub.stored_len {
+                let len = end - start + 1;
+                let r = self
+                    .timed(OP_GET, self.store.get_range(name, start, len))
+                    .await
+                    .inspect_err(|_| {
+                        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    })?;
+                self.stats.ranged_reads.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_out.fetch_add(len, Ordering::Relaxed);
+                return Ok(r);
+            }
+        }
+        let all = self.resolve(value).await?;
+        Ok(all.slice(start as usize..=end as usize))
     }
 
     /// Fetches and decodes one object; concurrent fetches of it share one store read.
@@ -273,9 +402,12 @@ impl Spill {
     }
 
     async fn fetch_decode(&self, name: &str, stub: &Stub) -> Result<Bytes, SpillError> {
-        let stored = self.timed(self.store.get(name)).await.inspect_err(|_| {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        let stored = self
+            .timed(OP_GET, self.store.get(name))
+            .await
+            .inspect_err(|_| {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            })?;
         if stored.len() as u64 != stub.stored_len {
             return Err(SpillError::Corrupt(format!(
                 "object {name} has {} bytes, stub says {}",

@@ -22,6 +22,22 @@ pub enum StoreError {
     Io(String),
     #[error("timed out after {0} ms")]
     Timeout(u64),
+    /// An S3 call that failed, with the kind of failure (see [`StoreError::kind`]).
+    #[error("{msg}")]
+    S3 { kind: &'static str, msg: String },
+}
+
+impl StoreError {
+    /// A fixed label for metrics: `not_found`, `timeout`, `io`, and for S3 `denied`,
+    /// `throttled`, `server`, `client`, `connection`, `other`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound(_) => "not_found",
+            StoreError::Io(_) => "io",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::S3 { kind, .. } => kind,
+        }
+    }
 }
 
 pub enum Store {
@@ -48,6 +64,14 @@ impl Store {
         match self {
             Store::Dir(d) => d.get(name).await,
             Store::S3(s) => s.get(name).await,
+        }
+    }
+
+    /// Bytes `start..start+len` of an object (the caller knows its size from the stub).
+    pub async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
+        match self {
+            Store::Dir(d) => d.get_range(name, start, len).await,
+            Store::S3(s) => s.get_range(name, start, len).await,
         }
     }
 
@@ -78,13 +102,25 @@ pub struct S3Store {
 
 fn s3_err<E: std::fmt::Debug>(what: &str, e: aws_sdk_s3::error::SdkError<E>) -> StoreError {
     use aws_sdk_s3::error::SdkError;
-    let detail = match &e {
-        SdkError::ServiceError(s) => format!("{:?}", s.err()),
-        SdkError::TimeoutError(_) => "timed out".to_string(),
-        SdkError::DispatchFailure(d) => format!("connection failed: {d:?}"),
-        other => format!("{other}"),
+    let (kind, detail) = match &e {
+        SdkError::ServiceError(s) => {
+            let kind = match s.raw().status().as_u16() {
+                401 | 403 => "denied",
+                404 => "not_found",
+                429 | 503 => "throttled",
+                500..=599 => "server",
+                _ => "client",
+            };
+            (kind, format!("{:?}", s.err()))
+        }
+        SdkError::TimeoutError(_) => ("timeout", "timed out".to_string()),
+        SdkError::DispatchFailure(d) => ("connection", format!("connection failed: {d:?}")),
+        other => ("other", format!("{other}")),
     };
-    StoreError::Io(format!("S3 {what}: {detail}"))
+    StoreError::S3 {
+        kind,
+        msg: format!("S3 {what}: {detail}"),
+    }
 }
 
 impl S3Store {
@@ -239,6 +275,40 @@ impl S3Store {
             .and_then(|h| h.content_length())
     }
 
+    async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
+        let range = format!("bytes={}-{}", start, start + len - 1);
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(name)
+            .range(range)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    return Err(StoreError::NotFound(name.to_string()));
+                }
+                return Err(s3_err("GetObject (range)", e));
+            }
+        };
+        let b = out
+            .body
+            .collect()
+            .await
+            .map(|b| b.into_bytes())
+            .map_err(|e| StoreError::Io(format!("S3 GetObject body: {e}")))?;
+        if b.len() as u64 != len {
+            return Err(StoreError::Io(format!(
+                "S3 ranged read of {name}: {} bytes, asked for {len}",
+                b.len()
+            )));
+        }
+        Ok(b)
+    }
+
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
         let out = match self
             .client
@@ -341,6 +411,26 @@ impl DirStore {
             }
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
+    }
+
+    async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.path(name)?;
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(name.to_string()))
+            }
+            Err(e) => return Err(StoreError::Io(e.to_string())),
+        };
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf)
+            .await
+            .map_err(|e| StoreError::Io(format!("ranged read of {name}: {e}")))?;
+        Ok(Bytes::from(buf))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {

@@ -25,6 +25,8 @@ pub const MAGIC: &[u8; 4] = b"\xF5TPX";
 pub const VERSION: u8 = 1;
 const HEADER: usize = 58;
 const MAC_LEN: usize = 32;
+/// Bytes an inline envelope adds to its payload.
+pub const ENVELOPE: usize = HEADER + MAC_LEN;
 /// Longest stub with an object name (names are short): what a ranged read must fetch
 /// to parse one without reading a whole large value.
 pub const MAX_OBJECT_STUB: usize = HEADER + 1024 + MAC_LEN;

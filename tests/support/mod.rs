@@ -723,11 +723,10 @@ impl Proxy {
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin_addr()).expect("admin listener");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        // One write: a request split over several segments is what real clients send
+        // too, but a single buffer keeps this helper's behaviour independent of timing.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).unwrap();
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         let status = text
