@@ -231,6 +231,44 @@ fn a_client_leaving_mid_transaction_leaves_no_watch_behind() {
     assert!(metrics.contains("tierproxy_transactions_total{outcome=\"committed\"}"));
 }
 
+/// The connection holding a WATCH dies: the WATCH cannot be honoured any more, so the
+/// transaction must not commit (a later WATCH does not silently replace it).
+#[test]
+fn a_lost_watch_connection_fails_the_transaction() {
+    let t = tag("tx_lost");
+    let (k, other) = (format!("{t}k"), format!("{t}o"));
+    let mut c = Resp::connect(&proxy().addr());
+    assert_eq!(s(c.cmd(&["WATCH", &k])), "+OK\r\n");
+    // Kill the proxy's connection that ran the WATCH, on the node.
+    let node = owner(&k);
+    let mut d = Resp::connect(&node);
+    let list = s(d.cmd(&["CLIENT", "LIST"]));
+    let id = list
+        .lines()
+        .find(|l| l.contains("cmd=watch"))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("no WATCHing connection in {list}"))
+        .to_string();
+    assert_eq!(s(d.cmd(&["CLIENT", "KILL", "ID", &id])), ":1\r\n");
+    d.cmd(&["SET", &k, "changed-meanwhile"]);
+    let r = s(c.cmd(&["WATCH", &other]));
+    assert!(r.contains("WATCH was lost"), "{r}");
+    c.cmd(&["MULTI"]);
+    c.cmd(&["SET", &k, "mine"]);
+    let r = s(c.cmd(&["EXEC"]));
+    assert!(r.contains("WATCH was lost"), "{r}");
+    assert_eq!(s(c.cmd(&["GET", &k])), "$17\r\nchanged-meanwhile\r\n");
+    // After that the session is clean again.
+    c.cmd(&["MULTI"]);
+    c.cmd(&["SET", &k, "mine"]);
+    assert_eq!(s(c.cmd(&["EXEC"])), "*1\r\n+OK\r\n");
+    // And the protocol cannot change under a WATCH.
+    c.cmd(&["WATCH", &k]);
+    assert!(s(c.cmd(&["HELLO", "3"])).starts_with("-ERR tierproxy: HELLO cannot change"));
+    c.cmd(&["UNWATCH"]);
+    assert!(s(c.cmd(&["HELLO", "3"])).starts_with("%"));
+}
+
 #[test]
 fn session_commands_are_refused_inside_a_transaction() {
     let mut c = Resp::connect(&proxy().addr());
@@ -397,6 +435,11 @@ fn subscribers_get_messages_published_anywhere() {
     );
     sub.send(&["PING"]);
     assert_eq!(s(sub.read_reply()), "*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+    sub.send(&["MULTI"]);
+    assert_eq!(
+        s(sub.read_reply()),
+        "-ERR Can't execute 'multi': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    );
 
     // Unsubscribing: Redis's counts; then the connection is an ordinary one again.
     sub.send(&["UNSUBSCRIBE", &a]);
@@ -547,6 +590,13 @@ fn pubsub_introspection_covers_every_node() {
             ch.len(),
             t.len() + 4
         )
+    );
+    // A flat array in RESP3 too, as Redis answers.
+    let mut c3 = Resp::connect(&proxy().addr());
+    c3.cmd(&["HELLO", "3"]);
+    assert_eq!(
+        s(c3.cmd(&["PUBSUB", "NUMSUB", &ch])),
+        format!("*2\r\n${}\r\n{ch}\r\n:{want}\r\n", ch.len())
     );
     let channels = s(c.cmd(&["PUBSUB", "CHANNELS", &format!("{t}*")]));
     assert_eq!(channels, format!("*1\r\n${}\r\n{ch}\r\n", ch.len()));

@@ -72,6 +72,9 @@ enum FindKeys {
 struct KeySpec {
     begin: BeginSearch,
     find: FindKeys,
+    /// The key-spec flags say the keys may be changed (RW, OW, RM, insert, update,
+    /// delete). EVAL and FCALL carry no `write` command flag, only this.
+    writes: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -91,7 +94,7 @@ pub struct CommandInfo {
 impl CommandInfo {
     /// Whether running this command may change the keys it names (L1 invalidates them).
     pub fn may_write(&self) -> bool {
-        self.flags.write || self.flags.may_replicate
+        self.flags.write || self.flags.may_replicate || self.key_specs.iter().any(|k| k.writes)
     }
 
     pub fn arity_ok(&self, argc: usize) -> bool {
@@ -418,7 +421,20 @@ fn parse_key_spec(f: &F) -> Option<KeySpec> {
         },
         _ => return None,
     };
-    Some(KeySpec { begin, find })
+    let writes = match field(items, "flags") {
+        Some(F::Array(fl)) => fl.iter().filter_map(as_bytes).any(|f| {
+            matches!(
+                f.to_ascii_lowercase().as_slice(),
+                b"rw" | b"ow" | b"rm" | b"insert" | b"update" | b"delete"
+            )
+        }),
+        _ => false,
+    };
+    Some(KeySpec {
+        begin,
+        find,
+        writes,
+    })
 }
 
 /// tierproxy's overlay. Everything not named here is forwarded by its keys.
@@ -479,6 +495,7 @@ mod tests {
                     firstkey: 1,
                     keystep: 1,
                 },
+                writes: false,
             }],
             subcommands: HashMap::new(),
             policy: Policy::Forward,
@@ -499,6 +516,7 @@ mod tests {
                     keystep: 2,
                     limit: 0,
                 },
+                writes: false,
             }],
             ..eval.clone()
         };
@@ -517,6 +535,7 @@ mod tests {
                     keystep: 1,
                     limit: 2,
                 },
+                writes: false,
             }],
             ..eval
         };

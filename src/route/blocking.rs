@@ -25,8 +25,23 @@ pub fn block_for(name: &str, args: &[Bytes]) -> Option<Duration> {
     let t = match name {
         "blmpop" | "bzmpop" => args.get(1).and_then(secs),
         "xread" | "xreadgroup" => {
-            match args.iter().position(|a| a.eq_ignore_ascii_case(b"block")) {
-                Some(i) => args.get(i + 1).and_then(ms),
+            // Options come before STREAMS; XREADGROUP's GROUP takes two names (which
+            // may be spelled "block").
+            let mut i = 1;
+            let mut found = None;
+            while i < args.len() && !args[i].eq_ignore_ascii_case(b"streams") {
+                if args[i].eq_ignore_ascii_case(b"group") {
+                    i += 3;
+                    continue;
+                }
+                if args[i].eq_ignore_ascii_case(b"block") {
+                    found = args.get(i + 1).and_then(ms);
+                    break;
+                }
+                i += 1;
+            }
+            match found {
+                Some(v) => Some(v),
                 // Without BLOCK, XREAD answers at once.
                 None => return Some(Duration::ZERO),
             }
@@ -53,7 +68,7 @@ pub fn run(px: &Arc<Proxy>, proto: Proto, target: Target, name: &str, req: Reque
             let mut asking = false;
             let mut hops = 0;
             loop {
-                let mut pin = px.upstream.pinned(&node, proto).await?;
+                let mut pin = px.upstream.pinned(&node, proto, true).await?;
                 let asking_rx = if asking {
                     Some(pin.send(command_bytes(&["ASKING"]))?)
                 } else {
@@ -105,7 +120,7 @@ pub fn wait(px: &Arc<Proxy>, proto: Proto, req: Request) -> Pending {
                 let px = px.clone();
                 let raw = req.raw.clone();
                 waits.push(tokio::spawn(async move {
-                    let mut pin = px.upstream.pinned(&node, proto).await?;
+                    let mut pin = px.upstream.pinned(&node, proto, true).await?;
                     let marker = format!("tierproxy:wait:{{{}}}", slot_tag(slot));
                     let set = pin.send(command_bytes(&["SET", &marker, "1", "PX", "1000"]))?;
                     let rx = pin.send(raw)?;
@@ -186,6 +201,23 @@ mod tests {
         assert_eq!(
             block_for("xread", &args(&["xread", "STREAMS", "s", "$"])),
             Some(Duration::ZERO)
+        );
+        assert_eq!(
+            block_for(
+                "xreadgroup",
+                &args(&[
+                    "xreadgroup",
+                    "GROUP",
+                    "block",
+                    "c1",
+                    "BLOCK",
+                    "0",
+                    "STREAMS",
+                    "s",
+                    ">"
+                ])
+            ),
+            None
         );
         assert_eq!(
             block_for("wait", &args(&["wait", "1", "250"])),

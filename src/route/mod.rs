@@ -103,16 +103,9 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         .commands
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
-    // Transactions first: inside MULTI even PING is queued.
-    let req = if txn::wants(sess, name) {
-        // Boxed: the transaction path is rare, and keeps the common future small.
-        match Box::pin(txn::intercept(px, sess, &lowered, req)).await {
-            Ok(p) => return p,
-            Err(req) => req,
-        }
-    } else {
-        req
-    };
+    if let Some(ps) = sess.pubsub.as_mut() {
+        ps.settle();
+    }
     // RESP2 subscribed mode allows only a few commands (after Redis's own checks).
     if sess.proto == crate::respond::Proto::Resp2 && sess.subscribed() {
         if name == b"ping" && req.args.len() <= 2 {
@@ -131,6 +124,30 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
             }
         }
     }
+    // The pinned connections (WATCH) and subscriber connections speak the protocol of
+    // the moment they were opened: no switching under them.
+    if name == b"hello" && (sess.txn.is_watching() || sess.subscribed()) {
+        let wanted = req.args.get(1).map(|v| &v[..]);
+        let current: &[u8] = match sess.proto {
+            crate::respond::Proto::Resp2 => b"2",
+            crate::respond::Proto::Resp3 => b"3",
+        };
+        if wanted.is_some_and(|v| v != current) {
+            return Pending::error(Error::proxy(
+                "HELLO cannot change the protocol while keys are WATCHed or channels subscribed (UNWATCH / UNSUBSCRIBE first)",
+            ));
+        }
+    }
+    // Transactions next: inside MULTI even PING is queued.
+    let req = if txn::wants(sess, name) {
+        // Boxed: the transaction path is rare, and keeps the common future small.
+        match Box::pin(txn::intercept(px, sess, &lowered, req)).await {
+            Ok(p) => return p,
+            Err(req) => req,
+        }
+    } else {
+        req
+    };
     // Connection-level commands work even before the upstream is known.
     if let Some(p) = local::handle_early(px, sess, name, &req) {
         return p;
@@ -248,7 +265,9 @@ async fn with_l1(
             let p = by_policy(px, sess, info, req).await;
             return cache::after_write(px, &l1, guard, flush, p);
         }
-        if cache::cacheable(&info.name) && info.policy != Policy::Local {
+        // Between WATCH and EXEC a read must see Redis, not a cached reply whose
+        // invalidation may still be on its way: optimistic locking depends on it.
+        if cache::cacheable(&info.name) && info.policy != Policy::Local && !sess.txn.is_watching() {
             let keys = info.key_indices(&req.args);
             if info.name == "mget" && keys.len() > 1 {
                 let keys = keys.iter().map(|&i| req.args[i].clone()).collect();

@@ -38,7 +38,11 @@ use crate::{metrics, Proxy};
 
 /// Messages waiting for the client, filled by the subscriber tasks.
 pub struct Outbox {
-    queue: Mutex<VecDeque<Bytes>>,
+    /// Frames with their sequence numbers, and the next sequence number.
+    queue: Mutex<(VecDeque<(u64, Bytes)>, u64)>,
+    /// Set by a (un)subscribe reply: only frames numbered below go out before it (those
+    /// that Redis sent before its confirmation).
+    cutoff: Mutex<Option<u64>>,
     bytes: AtomicUsize,
     limit: usize,
     /// Something was queued.
@@ -51,7 +55,8 @@ pub struct Outbox {
 impl Outbox {
     fn new(limit: u64) -> Outbox {
         Outbox {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new((VecDeque::new(), 0)),
+            cutoff: Mutex::new(None),
             bytes: AtomicUsize::new(0),
             limit: limit as usize,
             ready: Notify::new(),
@@ -74,23 +79,43 @@ impl Outbox {
             }
             return false;
         }
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(frame);
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let seq = q.1;
+            q.1 += 1;
+            q.0.push_back((seq, frame));
+        }
         self.ready.notify_one();
         true
     }
 
-    /// Moves every queued frame into `out`.
+    /// The sequence number the next frame will get: every frame queued so far is below.
+    fn mark(&self) -> u64 {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    fn set_cutoff(&self, seq: u64) {
+        *self.cutoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(seq);
+    }
+
+    /// Moves the queued frames into `out`: all of them, or, right before a
+    /// (un)subscribe reply, those that came before its confirmation.
     pub fn drain_into(&self, out: &mut BytesMut) {
+        let limit = self
+            .cutoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(u64::MAX);
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
-        while let Some(f) = q.pop_front() {
+        while q.0.front().is_some_and(|(seq, _)| *seq < limit) {
+            let Some((_, f)) = q.0.pop_front() else { break };
             n += f.len();
             metrics::PUBSUB_MESSAGES_OUT.fetch_add(1, Ordering::Relaxed);
             out.extend_from_slice(&f);
         }
+        drop(q);
         self.bytes.fetch_sub(n, Ordering::AcqRel);
     }
 
@@ -140,12 +165,21 @@ pub struct PubSub {
     sets: [BTreeSet<Bytes>; 3],
     /// Patterns (they match channels of every slot: any node will do).
     main: Option<SubConn>,
-    /// Channels and shard channels, on the owner of their slot (by address at
-    /// subscription time).
-    by_node: HashMap<Arc<str>, SubConn>,
+    /// Channels (per node owning their slot at subscription time) and shard channels
+    /// (per slot: a reconnect finds the slot's owner, and one SSUBSCRIBE names one slot).
+    by_node: HashMap<ConnKey, SubConn>,
     /// Which connection carries each channel / shard channel.
-    node_of: HashMap<(bool, Bytes), Arc<str>>,
+    node_of: HashMap<(bool, Bytes), ConnKey>,
+    /// Subscriptions the upstream refused or never confirmed: taken back at the next
+    /// command (see [`PubSub::settle`]).
+    failed: Arc<Mutex<Vec<(Kind, Bytes)>>>,
     pub out: Arc<Outbox>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum ConnKey {
+    Node(Arc<str>),
+    Slot(u16),
 }
 
 impl PubSub {
@@ -155,6 +189,7 @@ impl PubSub {
             main: None,
             by_node: HashMap::new(),
             node_of: HashMap::new(),
+            failed: Arc::new(Mutex::new(Vec::new())),
             out: Arc::new(Outbox::new(limit)),
         }
     }
@@ -170,6 +205,36 @@ impl PubSub {
     /// In subscribed mode (RESP2 restricts commands then).
     pub fn active(&self) -> bool {
         self.sets.iter().any(|s| !s.is_empty())
+    }
+
+    /// Takes back subscriptions that failed upstream, so counts and subscribed mode
+    /// stay true (and the connections stop retrying them).
+    pub fn settle(&mut self) {
+        let failed = std::mem::take(&mut *self.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        if failed.is_empty() {
+            return;
+        }
+        for (kind, name) in failed {
+            if !self.sets[kind.idx()].remove(&name) {
+                continue;
+            }
+            metrics::SUBSCRIPTIONS_NOW.fetch_sub(1, Ordering::Relaxed);
+            let conn = match kind {
+                Kind::Pattern => self.main.as_ref(),
+                _ => self
+                    .node_of
+                    .remove(&(kind == Kind::Shard, name.clone()))
+                    .and_then(|k| self.by_node.get(&k)),
+            };
+            if let Some(c) = conn {
+                drop(c.change(kind, false, vec![name]));
+            }
+        }
+        if self.sets[Kind::Pattern.idx()].is_empty() {
+            self.main = None;
+        }
+        let used: std::collections::HashSet<ConnKey> = self.node_of.values().cloned().collect();
+        self.by_node.retain(|k, _| used.contains(k));
     }
 }
 
@@ -276,21 +341,27 @@ pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -
         let conn = ps
             .main
             .get_or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
-        acks.push(conn.change(kind, sub, changed));
+        acks.push((changed.clone(), conn.change(kind, sub, changed)));
         if ps.sets[Kind::Pattern.idx()].is_empty() {
             // Closing the connection unsubscribes whatever it carried.
             ps.main = None;
         }
     } else {
         let shard = kind == Kind::Shard;
-        let mut by_conn: HashMap<Arc<str>, Vec<Bytes>> = HashMap::new();
+        let mut by_conn: HashMap<ConnKey, Vec<Bytes>> = HashMap::new();
         for n in changed {
             let addr = if sub {
-                let addr = px
-                    .upstream
-                    .resolve_target(&Target::Slot(key_slot(&n)))
-                    .map(|node| node.addr.clone())
-                    .unwrap_or_else(|_| Arc::from("?"));
+                let slot = key_slot(&n);
+                let addr = if shard {
+                    ConnKey::Slot(slot)
+                } else {
+                    ConnKey::Node(
+                        px.upstream
+                            .resolve_target(&Target::Slot(slot))
+                            .map(|node| node.addr.clone())
+                            .unwrap_or_else(|_| Arc::from("?")),
+                    )
+                };
                 ps.node_of.insert((shard, n.clone()), addr.clone());
                 addr
             } else {
@@ -306,41 +377,65 @@ pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -
                 .by_node
                 .entry(addr.clone())
                 .or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
-            acks.push(conn.change(kind, sub, names));
+            acks.push((names.clone(), conn.change(kind, sub, names)));
             if !ps.node_of.values().any(|a| *a == addr) {
                 ps.by_node.remove(&addr);
             }
         }
     }
     let timeout = px.upstream.settings.request_timeout;
+    let out = ps.out.clone();
+    let failed = ps.failed.clone();
     Pending::Deferred(Box::pin(async move {
-        for ack in acks {
-            match tokio::time::timeout(timeout, ack).await {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => return Error::redis(e).to_reply(),
-                Ok(Err(_)) if !sub => {} // connection closed: unsubscribed anyway
-                Ok(Err(_)) => return Error::proxy("the subscriber connection was lost").to_reply(),
-                Err(_) => {
-                    return Error::proxy(format!(
-                        "the upstream did not confirm the subscription within {} ms",
-                        timeout.as_millis()
-                    ))
-                    .to_reply()
+        // All confirmations within one deadline; the reply goes out after the messages
+        // Redis sent before the first of them.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut cutoff = u64::MAX;
+        let mut error = None;
+        for (names, ack) in acks {
+            let e = match tokio::time::timeout_at(deadline, ack).await {
+                Ok(Ok(Ok(seq))) => {
+                    cutoff = cutoff.min(seq);
+                    continue;
                 }
+                Ok(Ok(Err(e))) => Error::redis(e),
+                Ok(Err(_)) if !sub => continue, // connection closed: unsubscribed anyway
+                Ok(Err(_)) => Error::proxy("the subscriber connection was lost"),
+                Err(_) => Error::proxy(format!(
+                    "the upstream did not confirm the subscription within {} ms",
+                    timeout.as_millis()
+                )),
+            };
+            if sub {
+                failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(names.into_iter().map(|n| (kind, n)));
             }
+            error.get_or_insert(e);
+        }
+        if let Some(e) = error {
+            return e.to_reply();
+        }
+        if cutoff != u64::MAX {
+            out.set_cutoff(cutoff);
         }
         reply
     }))
 }
 
-type Ack = oneshot::Receiver<Result<(), String>>;
+/// A subscriber connection quiet this long is PINGed; quiet as long again, it is
+/// replaced.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+type Ack = oneshot::Receiver<Result<u64, String>>;
 
 enum Change {
     Apply {
         kind: Kind,
         sub: bool,
         names: Vec<Bytes>,
-        done: oneshot::Sender<Result<(), String>>,
+        done: oneshot::Sender<Result<u64, String>>,
     },
 }
 
@@ -383,7 +478,7 @@ impl SubConn {
 struct Waiting {
     reply: &'static str,
     remaining: usize,
-    done: Vec<oneshot::Sender<Result<(), String>>>,
+    done: Vec<oneshot::Sender<Result<u64, String>>>,
 }
 
 async fn run(
@@ -395,7 +490,7 @@ async fn run(
     let mut sets: [BTreeSet<Bytes>; 3] = Default::default();
     // Changes that came while disconnected wait here (their sets are already updated):
     // they are confirmed with the (re)subscription that follows.
-    let mut unsent: Vec<oneshot::Sender<Result<(), String>>> = Vec::new();
+    let mut unsent: Vec<oneshot::Sender<Result<u64, String>>> = Vec::new();
     // The first change says which slot (so which node) this connection is for.
     match rx.recv().await {
         Some(Change::Apply {
@@ -481,7 +576,7 @@ async fn run(
             Some(last) => last.done.append(&mut unsent),
             None => {
                 for done in unsent.drain(..) {
-                    let _ = done.send(Ok(()));
+                    let _ = done.send(Ok(out.mark()));
                 }
             }
         }
@@ -495,6 +590,11 @@ async fn run(
         }
         backoff = Duration::from_millis(50);
         // Serve until the connection fails (then reconnect) or the session goes.
+        // A node that vanished without closing the connection (power loss, partition)
+        // would leave the subscription silently dead: PING it when it is quiet.
+        let mut quiet = tokio::time::interval(KEEPALIVE);
+        quiet.reset();
+        let mut pinged = false;
         let lost = loop {
             // Every complete frame first.
             let mut resubscribe = false;
@@ -508,6 +608,8 @@ async fn run(
                     }
                 };
                 let frame = buf.split_to(n).freeze();
+                pinged = false;
+                quiet.reset();
                 match on_frame(&up, &frame, &mut waiting, &out) {
                     Frame::Ok => {}
                     Frame::Unsolicited => {
@@ -534,7 +636,7 @@ async fn run(
                     Some(Change::Apply { kind, sub, names, done }) => {
                         let names: Vec<Bytes> = apply(&mut sets, kind, sub, &names);
                         if names.is_empty() {
-                            let _ = done.send(Ok(()));
+                            let _ = done.send(Ok(out.mark()));
                             continue;
                         }
                         let mut args: Vec<Bytes> = vec![Bytes::from_static(cmd_name(kind, sub))];
@@ -549,6 +651,16 @@ async fn run(
                         }
                     }
                 },
+                _ = quiet.tick() => {
+                    if pinged {
+                        tracing::warn!(upstream = %addr, "subscriber connection stopped answering");
+                        break true;
+                    }
+                    pinged = true;
+                    if wr.write_all(&command_bytes(&["PING"])).await.is_err() {
+                        break true;
+                    }
+                }
             }
         };
         if lost {
@@ -559,7 +671,7 @@ async fn run(
             }
             if sets.iter().all(|s| s.is_empty()) {
                 for d in unsent.drain(..) {
-                    let _ = d.send(Ok(()));
+                    let _ = d.send(Ok(out.mark()));
                 }
                 if rx.is_closed() {
                     return;
@@ -644,7 +756,7 @@ fn on_frame(up: &Upstream, frame: &Bytes, waiting: &mut VecDeque<Waiting>, out: 
                 w.remaining = w.remaining.saturating_sub(1);
                 if w.remaining == 0 {
                     for d in waiting.pop_front().map(|w| w.done).unwrap_or_default() {
-                        let _ = d.send(Ok(()));
+                        let _ = d.send(Ok(out.mark()));
                     }
                 }
             }
@@ -723,11 +835,12 @@ pub fn info(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pendin
                             }
                         }
                     }
-                    Ok(Value::Map(
+                    // A flat array in both protocols, as Redis answers.
+                    Ok(Value::Array(
                         channels
                             .iter()
                             .zip(counts)
-                            .map(|(c, n)| (Value::Bulk(c.clone()), Value::Int(n)))
+                            .flat_map(|(c, n)| [Value::Bulk(c.clone()), Value::Int(n)])
                             .collect(),
                     ))
                 }

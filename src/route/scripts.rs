@@ -157,8 +157,11 @@ pub async fn evalsha(px: &Arc<Proxy>, sess: &Session, target: Target, req: Reque
         .upstream
         .start(target.clone(), req.raw.clone(), proto, hint)
         .await;
+    // A script the proxy could heal is a pipeline barrier: if it is healed, the retry
+    // must still run before the commands behind it. (The call itself is sent now.)
+    let healable = px.scripts.get(&req.args[1]).is_some();
     let px = px.clone();
-    Pending::Later(Box::pin(async move {
+    let fut = Box::pin(async move {
         let r = async {
             let reply = px.upstream.finish(ticket).await?;
             let noscript = error_text(&reply).is_some_and(|e| e.starts_with("NOSCRIPT"));
@@ -183,5 +186,10 @@ pub async fn evalsha(px: &Arc<Proxy>, sess: &Session, target: Target, req: Reque
             Ok(b) => Value::Raw(b),
             Err(e) => e.to_reply(),
         }
-    }))
+    });
+    if healable {
+        Pending::Deferred(fut)
+    } else {
+        Pending::Later(fut)
+    }
 }

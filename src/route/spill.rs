@@ -461,7 +461,7 @@ async fn read_modify_write(
     let node = px.upstream.resolve_target(target)?;
     // `watching` makes sure that, whatever way this ends, the WATCH does not outlive it
     // (UNWATCH before the connection is reused).
-    let mut pin = px.upstream.pinned(&node, Proto::Resp2).await?;
+    let mut pin = px.upstream.pinned(&node, Proto::Resp2, false).await?;
     for attempt in 0..RMW_ATTEMPTS {
         if attempt > 0 {
             // Another proxy or a direct client won the race: back off with jitter so

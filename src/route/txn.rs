@@ -38,12 +38,25 @@ pub struct TxnState {
     /// The pinned connection carrying the WATCH. Shared with the deferred WATCH and
     /// EXEC replies, which fill and empty it; they are pipeline barriers, so the next
     /// command never sees it half-updated.
-    pin: Arc<Mutex<Option<Pinned>>>,
+    pin: Arc<Mutex<WatchSlot>>,
+}
+
+#[derive(Default)]
+struct WatchSlot {
+    pin: Option<Pinned>,
+    /// Keys were WATCHed on a connection that is gone: the WATCH can no longer be
+    /// honoured, so EXEC must not run the transaction.
+    lost: bool,
 }
 
 impl TxnState {
     pub fn in_multi(&self) -> bool {
         self.queue.is_some()
+    }
+
+    /// Keys may be WATCHed (reads then bypass L1).
+    pub fn is_watching(&self) -> bool {
+        self.watching
     }
 
     /// RESET, DISCARD, a failed EXEC: no transaction, nothing watched. A pinned
@@ -52,7 +65,7 @@ impl TxnState {
         self.queue = None;
         self.watching = false;
         self.slot = None;
-        take(&self.pin);
+        take_all(&self.pin);
     }
 }
 
@@ -76,13 +89,26 @@ struct Queued {
     guarded: Option<String>,
 }
 
-fn take(cell: &Mutex<Option<Pinned>>) -> Option<Pinned> {
-    cell.lock().unwrap_or_else(|p| p.into_inner()).take()
+fn take(cell: &Mutex<WatchSlot>) -> Option<Pinned> {
+    cell.lock().unwrap_or_else(|p| p.into_inner()).pin.take()
 }
 
-fn put(cell: &Mutex<Option<Pinned>>, pin: Pinned) {
-    *cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(pin);
+fn put(cell: &Mutex<WatchSlot>, pin: Pinned) {
+    cell.lock().unwrap_or_else(|p| p.into_inner()).pin = Some(pin);
 }
+
+fn mark_lost(cell: &Mutex<WatchSlot>) {
+    cell.lock().unwrap_or_else(|p| p.into_inner()).lost = true;
+}
+
+/// Empties the slot: (the pinned connection, whether a WATCH was lost).
+fn take_all(cell: &Mutex<WatchSlot>) -> (Option<Pinned>, bool) {
+    let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+    (g.pin.take(), std::mem::take(&mut g.lost))
+}
+
+const WATCH_LOST: &str =
+    "the upstream connection holding the WATCH was lost; transaction discarded";
 
 const EXECABORT: &str = "EXECABORT Transaction discarded because of previous errors.";
 
@@ -196,19 +222,25 @@ fn watch(px: &Arc<Proxy>, sess: &mut Session, req: Request, cluster: bool) -> Pe
     let px = px.clone();
     Pending::Deferred(Box::pin(async move {
         let r = async {
-            let mut pin = match take(&cell).filter(|p| p.is_alive()) {
-                Some(p) => p,
-                None => {
+            let mut pin = match take(&cell) {
+                Some(p) if p.is_alive() => p,
+                Some(p) if p.watching => {
+                    // Keys watched before are no longer watched anywhere: a later EXEC
+                    // must fail rather than commit over a change it cannot see.
+                    mark_lost(&cell);
+                    return Err(Error::proxy(WATCH_LOST));
+                }
+                _ => {
                     let target = slot.map_or(Target::Any, Target::Slot);
                     let node = px.upstream.resolve_target(&target)?;
-                    px.upstream.pinned(&node, proto).await?
+                    px.upstream.pinned(&node, proto, true).await?
                 }
             };
             let mut reply = pin.call(req.raw.clone()).await?;
             if let Some((node, false)) = px.upstream.redirected(&reply) {
                 if !pin.watching {
                     // The slot moved before anything was watched here: watch at its owner.
-                    pin = px.upstream.pinned(&node, proto).await?;
+                    pin = px.upstream.pinned(&node, proto, true).await?;
                     reply = pin.call(req.raw.clone()).await?;
                 }
             }
@@ -318,14 +350,13 @@ fn exec(px: &Arc<Proxy>, sess: &mut Session) -> Pending {
     let Some(q) = sess.txn.queue.take() else {
         return Pending::error(Error::redis("ERR EXEC without MULTI"));
     };
-    let watching = sess.txn.watching;
     let slot = sess.txn.slot;
     let cell = sess.txn.pin.clone();
     // EXEC ends the transaction and the WATCH, whatever it answers.
     sess.txn.watching = false;
     sess.txn.slot = None;
     if q.aborted {
-        take(&cell);
+        take_all(&cell);
         metrics::TX_ABORTED.fetch_add(1, Ordering::Relaxed);
         return Pending::error(Error::redis(EXECABORT));
     }
@@ -340,7 +371,7 @@ fn exec(px: &Arc<Proxy>, sess: &mut Session) -> Pending {
     let flush = q.flush;
     let px2 = px.clone();
     let p = Pending::Deferred(Box::pin(async move {
-        let r = run(&px2, &cell, watching, slot, proto, &q).await;
+        let r = run(&px2, &cell, slot, proto, &q).await;
         match &r {
             Ok(b) if b.starts_with(b"*-1") || b.starts_with(b"_") => &metrics::TX_CONFLICT,
             Ok(b) if b.starts_with(b"-EXECABORT") => &metrics::TX_ABORTED,
@@ -362,24 +393,24 @@ fn exec(px: &Arc<Proxy>, sess: &mut Session) -> Pending {
 
 async fn run(
     px: &Arc<Proxy>,
-    cell: &Mutex<Option<Pinned>>,
-    watching: bool,
+    cell: &Mutex<WatchSlot>,
     slot: Option<u16>,
     proto: Proto,
     q: &Queue,
 ) -> Result<Bytes, Error> {
-    let mut pin = match (watching, take(cell)) {
-        (true, Some(p)) if p.is_alive() => p,
-        (true, _) => {
-            return Err(Error::proxy(
-                "the upstream connection holding the WATCH was lost; transaction discarded",
-            ))
-        }
-        (false, _) => {
+    // Whether keys are WATCHed is what the slot holds: a WATCH that failed watched
+    // nothing, one whose connection died cannot be honoured.
+    let (pin, lost) = take_all(cell);
+    let watching = pin.as_ref().is_some_and(|p| p.watching);
+    let mut pin = match pin {
+        _ if lost => return Err(Error::proxy(WATCH_LOST)),
+        Some(p) if p.watching && !p.is_alive() => return Err(Error::proxy(WATCH_LOST)),
+        Some(p) if p.is_alive() => p,
+        _ => {
             let node = px
                 .upstream
                 .resolve_target(&slot.map_or(Target::Any, Target::Slot))?;
-            px.upstream.pinned(&node, proto).await?
+            px.upstream.pinned(&node, proto, false).await?
         }
     };
     let mut batch = Vec::with_capacity(q.cmds.len() + 2);
@@ -397,7 +428,7 @@ async fn run(
             .find_map(|r| px.upstream.redirected(r).filter(|(_, ask)| !ask));
         match moved {
             Some((node, _)) if attempt == 0 && !watching => {
-                pin = px.upstream.pinned(&node, proto).await?;
+                pin = px.upstream.pinned(&node, proto, false).await?;
                 continue;
             }
             _ => {}

@@ -19,9 +19,13 @@ use super::{Node, Upstream};
 use crate::error::{Error, UpstreamError};
 use crate::respond::{command_bytes, Proto};
 
-/// A node's pinned connections: the permits, and the idle ones per protocol.
+/// A node's pinned connections: the permits, and the idle ones per protocol. Holds
+/// that may last indefinitely (blocking commands, WATCH) and short ones (EXEC, a spill
+/// read-modify-write) have separate permits, so a thousand blocked queue workers never
+/// leave transactions without a connection.
 pub(crate) struct PinnedPool {
     permits: Arc<Semaphore>,
+    short_permits: Arc<Semaphore>,
     idle: [Mutex<Vec<PipeConn>>; 2],
     max_idle: usize,
 }
@@ -30,6 +34,7 @@ impl PinnedPool {
     pub(crate) fn new(max: usize, max_idle: usize) -> PinnedPool {
         PinnedPool {
             permits: Arc::new(Semaphore::new(max)),
+            short_permits: Arc::new(Semaphore::new(max)),
             idle: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
             max_idle,
         }
@@ -55,7 +60,9 @@ impl PinnedPool {
     pub(crate) fn counts(&self, max: usize) -> (usize, usize) {
         let idle = self.idle[0].lock().map(|v| v.len()).unwrap_or(0)
             + self.idle[1].lock().map(|v| v.len()).unwrap_or(0);
-        (max - self.permits.available_permits(), idle)
+        let in_use =
+            2 * max - self.permits.available_permits() - self.short_permits.available_permits();
+        (in_use, idle)
     }
 }
 
@@ -69,30 +76,40 @@ pub struct Pinned {
     pub watching: bool,
     /// A request is out and its reply not read: the connection cannot be reused.
     busy: bool,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Upstream {
     /// A connection to `node` for one client's exclusive use: an idle pooled one, or a
     /// new one while the node's limit allows; waits up to the connect timeout for one.
-    pub async fn pinned(&self, node: &Arc<Node>, proto: Proto) -> Result<Pinned, Error> {
+    /// `long`: it may be held indefinitely (a blocking command, a WATCH).
+    pub async fn pinned(
+        &self,
+        node: &Arc<Node>,
+        proto: Proto,
+        long: bool,
+    ) -> Result<Pinned, Error> {
         let s = &self.settings;
         let err = |source| Error::Upstream {
             addr: node.addr.to_string(),
             source,
         };
-        let permit = tokio::time::timeout(
-            s.connect_timeout,
-            node.pinned.permits.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| {
-            Error::proxy(format!(
-                "all {} pinned connections to {} are in use (upstream.pinned_max_per_node)",
-                s.pinned_max, node.addr
-            ))
-        })?
-        .map_err(|_| err(UpstreamError::ConnectionLost))?;
+        let permits = if long {
+            &node.pinned.permits
+        } else {
+            &node.pinned.short_permits
+        };
+        let permit = tokio::time::timeout(s.connect_timeout, permits.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                Error::proxy(format!(
+                    "all {} {} pinned connections to {} are in use (upstream.pinned_max_per_node)",
+                    s.pinned_max,
+                    if long { "long-held" } else { "short" },
+                    node.addr
+                ))
+            })?
+            .map_err(|_| err(UpstreamError::ConnectionLost))?;
         let reused = {
             let mut idle = node.pinned.idle(proto);
             let mut found = None;
@@ -124,7 +141,7 @@ impl Upstream {
             timeout: s.request_timeout,
             watching: false,
             busy: false,
-            _permit: permit,
+            permit: Some(permit),
         })
     }
 }
@@ -242,7 +259,10 @@ impl Drop for Pinned {
             return;
         };
         let timeout = self.timeout;
+        // The permit stays taken until the connection is clean or closed.
+        let permit = self.permit.take();
         rt.spawn(async move {
+            let _permit = permit;
             let Ok(rx) = conn.send(command_bytes(&["UNWATCH"]), 0) else {
                 return;
             };
