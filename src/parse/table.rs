@@ -458,7 +458,7 @@ fn policy_for(info: &CommandInfo) -> Policy {
         "wait" => Policy::Blocking,
         // Script and function state lives on each node (route::scripts).
         "script|load" | "script|exists" | "script|flush" | "function|load" | "function|delete"
-        | "function|flush" | "function|restore" => Policy::AllMasters,
+        | "function|flush" | "function|restore" | "function|list" => Policy::AllMasters,
         "monitor" | "sync" | "psync" | "replconf" | "waitaof" | "shutdown" | "failover"
         | "replicaof" | "slaveof" | "debug" => Policy::Unsupported,
         n if n.starts_with("client") || n.starts_with("cluster") || n.starts_with("config") => {
