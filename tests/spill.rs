@@ -22,22 +22,20 @@ fn setup() -> &'static Setup {
 
 /// A proxy with a store directory of its own (for tests that count objects).
 fn new_setup() -> Setup {
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-        write!(
-            cfg,
-            "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
+    spill_proxy("")
+}
+
+/// A spilling proxy with its own store directory and `extra` lines in its `[l3]` section.
+fn spill_proxy(extra: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_with_config(
+        &shared_cluster().seeds(),
+        &format!(
+            "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n{extra}",
             dir.path().display()
-        )
-        .unwrap();
-        let proxy = Proxy::start(
-            &shared_cluster().seeds(),
-            &["--config", cfg.path().to_str().unwrap()],
-            &[],
-        );
-        Setup { proxy, dir }
-    }
+        ),
+    );
+    Setup { proxy, dir }
 }
 
 fn conn() -> Resp {
@@ -756,19 +754,7 @@ fn append_racing_set_loses_nothing_and_corrupts_nothing() {
 
 #[test]
 fn in_redis_compression_is_transparent() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    write!(
-        cfg,
-        "[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ncompression_min_bytes = 1024\ndir = \"{}\"\n",
-        dir.path().display()
-    )
-    .unwrap();
-    let px = Proxy::start(
-        &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let Setup { proxy: px, dir } = spill_proxy("compression_min_bytes = 1024\n");
     let mut c = Resp::connect(&px.addr());
     let t = tag("l2z");
     let (z, r, s) = (format!("{t}z"), format!("{t}r"), format!("{t}s"));

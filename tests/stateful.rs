@@ -6,9 +6,7 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{
-    config_file, connected_clients, eventually, shared_cluster, shared_standalone, tag, Proxy, Resp,
-};
+use support::{connected_clients, eventually, shared_cluster, shared_standalone, tag, Proxy, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -198,11 +196,9 @@ fn a_thousand_transactions_reuse_pooled_connections() {
 /// before the next client gets it (one idle connection per node makes reuse certain).
 #[test]
 fn a_client_leaving_mid_transaction_leaves_no_watch_behind() {
-    let cfg = config_file("[upstream]\npinned_idle_per_node = 1\n");
-    let px = Proxy::start(
+    let px = Proxy::start_with_config(
         &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
+        "[upstream]\npinned_idle_per_node = 1\n",
     );
     let t = tag("tx_leave");
     let (k, k2) = (format!("{t}k"), format!("{t}k2"));
@@ -389,12 +385,7 @@ fn blpop_wakes_when_another_client_pushes() {
 
 #[test]
 fn a_hundred_blocked_clients_delay_nobody_and_leak_nothing() {
-    let cfg = config_file("");
-    let px = Proxy::start(
-        &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let px = Proxy::start_with_config(&shared_cluster().seeds(), "");
     let t = tag("block_many");
     let baseline = total_upstream_clients();
     let mut blocked: Vec<Resp> = (0..100)
@@ -670,11 +661,9 @@ fn pubsub_introspection_covers_every_node() {
 
 #[test]
 fn a_slow_subscriber_is_disconnected_at_its_limit() {
-    let cfg = config_file("[client]\npubsub_output_limit = 1048576\n");
-    let px = Proxy::start(
+    let px = Proxy::start_with_config(
         &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
+        "[client]\npubsub_output_limit = 1048576\n",
     );
     let ch = tag("ps_slow").replace(['{', '}'], "");
     let mut sub = Resp::connect(&px.addr());
@@ -709,12 +698,7 @@ fn a_slow_subscriber_is_disconnected_at_its_limit() {
 
 #[test]
 fn subscriptions_survive_a_lost_upstream_connection() {
-    let cfg = config_file("");
-    let px = Proxy::start(
-        &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let px = Proxy::start_with_config(&shared_cluster().seeds(), "");
     let ch = tag("ps_survive").replace(['{', '}'], "");
     let mut sub = Resp::connect(&px.addr());
     sub.send(&["SUBSCRIBE", &ch]);

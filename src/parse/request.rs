@@ -30,6 +30,14 @@ impl Request {
     }
 }
 
+/// A request's arguments from text (unit tests).
+#[cfg(test)]
+pub fn args(v: &[&str]) -> Vec<Bytes> {
+    v.iter()
+        .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+        .collect()
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub proto_max_bulk_len: i64,

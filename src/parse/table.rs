@@ -473,11 +473,7 @@ fn policy_for(info: &CommandInfo) -> Policy {
 mod tests {
     use super::*;
 
-    fn args(v: &[&str]) -> Vec<Bytes> {
-        v.iter()
-            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
-            .collect()
-    }
+    use crate::parse::request::args;
 
     #[test]
     fn key_specs_keynum_and_range() {

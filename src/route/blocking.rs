@@ -174,11 +174,7 @@ fn slot_tag(slot: u16) -> String {
 mod tests {
     use super::*;
 
-    fn args(v: &[&str]) -> Vec<Bytes> {
-        v.iter()
-            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
-            .collect()
-    }
+    use crate::parse::request::args;
 
     #[test]
     fn block_times() {

@@ -272,11 +272,7 @@ pub fn after_write(
 mod tests {
     use super::*;
 
-    fn args(v: &[&str]) -> Vec<Bytes> {
-        v.iter()
-            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
-            .collect()
-    }
+    use crate::parse::request::args;
 
     #[test]
     fn signature_matching_agrees_with_building() {

@@ -48,22 +48,14 @@ async fn fan_out(
     name: &str,
     req: &Request,
 ) -> Result<Value, Error> {
-    let masters = all_masters(px).await?;
-    let mut tickets = Vec::new();
-    for n in masters {
-        tickets.push(
-            px.upstream
-                .start(Target::Node(n), req.raw.clone(), proto, hint)
-                .await,
-        );
-    }
-    let mut replies = Vec::new();
-    for t in tickets {
-        replies.push(px.upstream.finish(t).await?);
-    }
-    if let Some(err) = replies.iter().find(|r| is_error(r)) {
-        return Ok(Value::Raw(err.clone()));
-    }
+    let replies = match px
+        .upstream
+        .on_every_master(req.raw.clone(), proto, hint)
+        .await?
+    {
+        Ok(r) => r,
+        Err(error_reply) => return Ok(Value::Raw(error_reply)),
+    };
     match name {
         "dbsize" => {
             let mut sum = 0;

@@ -781,30 +781,21 @@ pub fn info(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pendin
     let name = name.to_string();
     Pending::Deferred(Box::pin(async move {
         let r = async {
-            let masters = px.upstream.topology()?.masters.clone();
-            if name == "pubsub|help" || masters.is_empty() {
+            if name == "pubsub|help" {
                 return px
                     .upstream
                     .call(Target::Any, req.raw.clone(), proto, hint)
                     .await
                     .map(Value::Raw);
             }
-            let mut tickets = Vec::new();
-            for n in masters {
-                tickets.push(
-                    px.upstream
-                        .start(Target::Node(n), req.raw.clone(), proto, hint)
-                        .await,
-                );
-            }
-            let mut replies = Vec::new();
-            for t in tickets {
-                let r = px.upstream.finish(t).await?;
-                if error_text(&r).is_some() {
-                    return Ok(Value::Raw(r));
-                }
-                replies.push(r);
-            }
+            let replies = match px
+                .upstream
+                .on_every_master(req.raw.clone(), proto, hint)
+                .await?
+            {
+                Ok(r) => r,
+                Err(error_reply) => return Ok(Value::Raw(error_reply)),
+            };
             let bad = || Error::proxy(format!("unexpected {name} reply"));
             match name.as_str() {
                 "pubsub|numpat" => {

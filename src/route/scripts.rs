@@ -88,22 +88,14 @@ pub fn fan_out(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pen
             if name == "script|flush" {
                 px.scripts.clear();
             }
-            let masters = px.upstream.topology()?.masters.clone();
-            let mut tickets = Vec::new();
-            for n in masters {
-                tickets.push(
-                    px.upstream
-                        .start(Target::Node(n), req.raw.clone(), proto, hint)
-                        .await,
-                );
-            }
-            let mut replies = Vec::new();
-            for t in tickets {
-                replies.push(px.upstream.finish(t).await?);
-            }
-            if let Some(e) = replies.iter().find(|r| error_text(r).is_some()) {
-                return Ok(Value::Raw(e.clone()));
-            }
+            let replies = match px
+                .upstream
+                .on_every_master(req.raw.clone(), proto, hint)
+                .await?
+            {
+                Ok(r) => r,
+                Err(error_reply) => return Ok(Value::Raw(error_reply)),
+            };
             let Some(first) = replies.first().cloned() else {
                 return Err(Error::NoTopology("no masters known".into()));
             };

@@ -277,29 +277,7 @@ impl S3Store {
 
     async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
         let range = format!("bytes={}-{}", start, start + len - 1);
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(name)
-            .range(range)
-            .send()
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                    return Err(StoreError::NotFound(name.to_string()));
-                }
-                return Err(s3_err("GetObject (range)", e));
-            }
-        };
-        let b = out
-            .body
-            .collect()
-            .await
-            .map(|b| b.into_bytes())
-            .map_err(|e| StoreError::Io(format!("S3 GetObject body: {e}")))?;
+        let b = self.get_object(name, Some(range)).await?;
         if b.len() as u64 != len {
             return Err(StoreError::Io(format!(
                 "S3 ranged read of {name}: {} bytes, asked for {len}",
@@ -310,11 +288,17 @@ impl S3Store {
     }
 
     async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        self.get_object(name, None).await
+    }
+
+    /// GetObject, whole or one byte range, body collected.
+    async fn get_object(&self, name: &str, range: Option<String>) -> Result<Bytes, StoreError> {
         let out = match self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(name)
+            .set_range(range)
             .send()
             .await
         {

@@ -519,6 +519,30 @@ impl Upstream {
         self.finish(t).await
     }
 
+    /// The same request on every master, all sent before any reply is awaited; the
+    /// replies in master order. An error reply from a node is returned as `Err(reply)`
+    /// inside `Ok`, so callers pass Redis's error through unchanged.
+    pub async fn on_every_master(
+        &self,
+        data: Bytes,
+        proto: Proto,
+        hint: usize,
+    ) -> Result<Result<Vec<Bytes>, Bytes>, Error> {
+        let masters = self.topology()?.masters.clone();
+        let mut tickets = Vec::with_capacity(masters.len());
+        for n in masters {
+            tickets.push(self.start(Target::Node(n), data.clone(), proto, hint).await);
+        }
+        let mut replies = Vec::with_capacity(tickets.len());
+        for t in tickets {
+            replies.push(self.finish(t).await?);
+        }
+        Ok(match replies.iter().find(|r| error_text(r).is_some()) {
+            Some(e) => Err(e.clone()),
+            None => Ok(replies),
+        })
+    }
+
     /// Points one slot at its new owner right away, before the full refresh lands.
     fn apply_moved(&self, slot: u16, addr: &str) {
         let node = self.node(addr);

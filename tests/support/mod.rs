@@ -709,6 +709,14 @@ impl Proxy {
         );
     }
 
+    /// A proxy started with `--config` pointing at a file holding `body` (removed once
+    /// the proxy has read it).
+    pub fn start_with_config(upstream: &[String], body: &str) -> Proxy {
+        let cfg = config_file(body);
+        let path = cfg.path().to_str().expect("utf-8 temp path").to_string();
+        Proxy::start(upstream, &["--config", &path], &[])
+    }
+
     /// The admin HTTP listener, from the `tierproxy admin listening on ADDR` line that the
     /// proxy prints before its main listening line.
     pub fn admin_addr(&self) -> String {
