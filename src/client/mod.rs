@@ -203,7 +203,6 @@ async fn conn_loop(
             let barrier = p.is_deferred();
             pending.push((p, sess.proto, silent));
             if barrier {
-                let outbox = sess.pubsub.as_ref().map(|p| p.out.clone());
                 let drained = drain(
                     px,
                     &mut pending,
@@ -211,7 +210,7 @@ async fn conn_loop(
                     &mut rd,
                     &mut inbuf,
                     &mut client_gone,
-                    outbox.as_deref(),
+                    sess,
                 )
                 .await;
                 if !drained {
@@ -222,7 +221,6 @@ async fn conn_loop(
                 break;
             }
         }
-        let outbox = sess.pubsub.as_ref().map(|p| p.out.clone());
         if !drain(
             px,
             &mut pending,
@@ -230,7 +228,7 @@ async fn conn_loop(
             &mut rd,
             &mut inbuf,
             &mut client_gone,
-            outbox.as_deref(),
+            sess,
         )
         .await
         {
@@ -242,12 +240,11 @@ async fn conn_loop(
             e.to_reply().encode(sess.proto, &mut out);
         }
         if !out.is_empty() {
-            if let Some(o) = &outbox {
-                if o.is_over() {
-                    return Ok(());
-                }
+            let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
+            if outbox.is_some_and(|o| o.is_over()) {
+                return Ok(());
             }
-            write_out(&mut wr, &mut out, outbox.as_deref()).await?;
+            write_out(&mut wr, &mut out, outbox).await?;
         }
         if sess.closing || parse_err.is_some() || client_gone {
             let _ = wr.shutdown().await;
@@ -288,8 +285,10 @@ async fn drain(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     inbuf: &mut BytesMut,
     client_gone: &mut bool,
-    outbox: Option<&crate::route::pubsub::Outbox>,
+    sess: &Session,
 ) -> bool {
+    // A subscriber's messages are interleaved with its replies.
+    let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
     let limit = px.cfg.client.query_buffer_limit;
     for (p, proto, silent) in pending.drain(..) {
         let blocking = p.is_blocking();

@@ -82,7 +82,6 @@ pub struct Histogram {
     /// Per bucket (not cumulative); the last one is +Inf.
     pub buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     pub sum_us: AtomicU64,
-    pub count: AtomicU64,
 }
 
 impl Histogram {
@@ -95,7 +94,6 @@ impl Histogram {
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_us
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 }
 
