@@ -37,8 +37,12 @@ pub const DEFAULT_L3_DIR: &str = "./data/spill";
 pub const DEFAULT_L3_PREFIX: &str = "tierproxy/";
 pub const DEFAULT_L3_ZSTD_LEVEL: i32 = 3;
 pub const DEFAULT_L3_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_METRICS_PREFIX: &str = "tierproxy";
+/// Redis's default `slowlog-log-slower-than` (µs) and `slowlog-max-len`.
+pub const DEFAULT_SLOWLOG_SLOWER_THAN_US: i64 = 10_000;
+pub const DEFAULT_SLOWLOG_MAX_LEN: usize = 128;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Client-facing RESP listener.
@@ -53,9 +57,45 @@ pub struct Config {
     pub l1: L1Config,
     pub l3: L3Config,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+    pub slowlog: SlowlogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prefix of every Prometheus metric name (`mcp` for the seed's dashboards).
+    ///                                                   env TIERPROXY_METRICS_PREFIX
+    pub prefix: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            prefix: DEFAULT_METRICS_PREFIX.into(),
+        }
+    }
+}
+
+/// SLOWLOG: requests slower than this, measured at the proxy from parse to reply.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlowlogConfig {
+    /// Microseconds; 0 logs every command, negative disables (Redis's semantics).
+    pub log_slower_than_us: i64,
+    pub max_len: usize,
+}
+
+impl Default for SlowlogConfig {
+    fn default() -> Self {
+        SlowlogConfig {
+            log_slower_than_us: DEFAULT_SLOWLOG_SLOWER_THAN_US,
+            max_len: DEFAULT_SLOWLOG_MAX_LEN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct L3Config {
     /// Spill string values over the threshold to the store.   env CACHE_L3_ENABLED
@@ -121,7 +161,7 @@ impl Default for L3Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct L1Config {
     /// The in-proxy hot-key cache.                          env CACHE_L1_ENABLED
@@ -144,6 +184,10 @@ pub struct L1Config {
     /// `PUBLISH <channel> <key>` drops `key` from every proxy's L1 (the seed's event-based
     /// invalidation; needs tracking mode). Empty disables it.
     pub invalidation_channel: String,
+    /// While the upstream is unreachable, answer reads from entries that are no longer
+    /// known to be fresh (kept until their TTL) instead of failing. Off by default: the
+    /// replies may be stale.
+    pub serve_stale_on_error: bool,
 }
 
 impl Default for L1Config {
@@ -159,6 +203,7 @@ impl Default for L1Config {
             admit_window_ms: DEFAULT_L1_ADMIT_WINDOW_MS,
             coherence: "tracking".into(),
             invalidation_channel: "cache:invalidate".into(),
+            serve_stale_on_error: false,
         }
     }
 }
@@ -187,7 +232,7 @@ pub fn parse_duration_ms(v: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Seeds: `host:port`, `redis://[user:pass@]host:port` or `rediss://…`.
@@ -208,7 +253,7 @@ pub struct UpstreamConfig {
     pub pinned_idle_per_node: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
     pub maxclients: usize,
@@ -223,7 +268,7 @@ pub struct ClientConfig {
     pub pubsub_output_limit: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Password of the `default` user (requirepass). Prefer `TIERPROXY_PASSWORD`.
@@ -231,7 +276,7 @@ pub struct AuthConfig {
     pub users: Vec<UserConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -239,7 +284,7 @@ pub struct UserConfig {
     pub password_sha256: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `error|warn|info|debug|trace` or a tracing filter; `RUST_LOG` overrides it.
@@ -260,6 +305,8 @@ impl Default for Config {
             l1: L1Config::default(),
             l3: L3Config::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
+            slowlog: SlowlogConfig::default(),
         }
     }
 }
@@ -493,6 +540,9 @@ impl Config {
         if let Some(v) = get("CACHE_L3_SIGNING_KEY") {
             self.l3.signing_key = v;
         }
+        if let Some(v) = get("TIERPROXY_METRICS_PREFIX") {
+            self.metrics.prefix = v;
+        }
         if let Some(v) = get("TIERPROXY_MAXCLIENTS") {
             self.client.maxclients = v.parse().map_err(|_| {
                 StartError::Config(format!(
@@ -644,6 +694,20 @@ impl Config {
         }
         if l3.prefix.starts_with('/') || l3.prefix.contains("..") {
             return bad("l3.prefix", "must be a relative name without '..'".into());
+        }
+        let p = self.metrics.prefix.as_bytes();
+        let name_char = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b':';
+        if p.is_empty() || p[0].is_ascii_digit() || !p.iter().all(name_char) {
+            return bad(
+                "metrics.prefix",
+                format!(
+                    "{:?}: must match [a-zA-Z_:][a-zA-Z0-9_:]* (a Prometheus name)",
+                    self.metrics.prefix
+                ),
+            );
+        }
+        if self.slowlog.max_len > 1_000_000 {
+            return bad("slowlog.max_len", "must be at most 1000000".into());
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad(

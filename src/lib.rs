@@ -29,8 +29,10 @@ pub mod error;
 pub mod l1;
 pub mod metrics;
 pub mod parse;
+pub mod reload;
 pub mod respond;
 pub mod route;
+pub mod slowlog;
 pub mod spill;
 pub mod upstream;
 
@@ -73,7 +75,10 @@ impl Stats {
 
 /// Everything a connection needs, shared.
 pub struct Proxy {
+    /// The configuration at start-up: what settings that need a restart are read from.
     pub cfg: Config,
+    /// The configuration in effect, with reloaded settings applied (SIGHUP).
+    pub live: std::sync::RwLock<Arc<Config>>,
     pub upstream: Arc<upstream::Upstream>,
     /// The hot-key cache, when `l1.enabled`.
     pub l1: Option<Arc<l1::L1>>,
@@ -91,10 +96,23 @@ pub struct Proxy {
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Script bodies seen, to heal NOSCRIPT after a failover.
     pub scripts: route::scripts::ScriptCache,
+    pub slowlog: slowlog::SlowLog,
 }
 
-/// Binds, serves until `shutdown` resolves, drains, and returns.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+impl Proxy {
+    /// The configuration in effect now (reloadable settings included).
+    pub fn config(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Binds, serves until `shutdown` resolves, drains, and returns. With a `reload`
+/// loader, SIGHUP re-reads the configuration (see [`reload`]).
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    reload: Option<reload::Loader>,
+) -> Result<(), StartError> {
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -137,6 +155,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         active: AtomicUsize::new(0),
         prometheus: metrics::install(),
         scripts: Default::default(),
+        slowlog: slowlog::SlowLog::new(&cfg.slowlog),
+        live: std::sync::RwLock::new(Arc::new(cfg.clone())),
         cfg,
     });
     let sweeper = px
@@ -162,6 +182,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         tokio::spawn(admin::serve(px.clone(), l))
     });
 
+    let reload_task = reload.map(|load| tokio::spawn(reload::on_sighup(px.clone(), load)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let accept = tokio::spawn(client::accept_loop(px.clone(), listener, stop_rx));
     tracing::info!(addr = %local, "listening");
@@ -185,6 +206,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         );
     }
     topo_task.abort();
+    if let Some(t) = reload_task {
+        t.abort();
+    }
     if let Some(t) = admin_task {
         t.abort();
     }

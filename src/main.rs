@@ -44,18 +44,26 @@ enum Command {
 }
 
 fn init_logging(cfg: &Config) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, reload, EnvFilter};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if cfg.log.format == "json" {
-        builder.json().init();
+        registry.with(layer.json()).init();
     } else {
-        builder.with_ansi(false).init();
+        registry.with(layer.with_ansi(false)).init();
     }
+    tierproxy::reload::set_log_reloader(Box::new(move |level: &str| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Err("RUST_LOG is set and takes precedence over log.level".into());
+        }
+        let f = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }));
 }
 
 async fn shutdown_signal() {
@@ -81,6 +89,8 @@ fn main() -> ExitCode {
         admin_listen: cli.admin_listen,
         upstream: cli.upstream,
     };
+    let config_path = cli.config.clone();
+    let reload_overrides = overrides.clone();
     let cfg = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -115,7 +125,9 @@ fn main() -> ExitCode {
             }
         };
     }
-    match rt.block_on(tierproxy::run(cfg, shutdown_signal())) {
+    let loader: tierproxy::reload::Loader =
+        Box::new(move || Config::load(config_path.as_deref(), &reload_overrides));
+    match rt.block_on(tierproxy::run(cfg, shutdown_signal(), Some(loader))) {
         Ok(()) => {
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             ExitCode::SUCCESS

@@ -352,3 +352,313 @@ fn upstream_password_from_env_or_url() {
     assert!(r.starts_with("-ERR tierproxy: upstream"), "{r}");
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+/// The value of one sample line of the Prometheus text (`name{labels} value`).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn info_field(c: &mut Resp, section: &str, field: &str) -> Option<String> {
+    let info = s(c.cmd(&["INFO", section]));
+    info.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_string())
+    })
+}
+
+#[test]
+fn metrics_commandstats_and_slowlog_count_a_known_workload() {
+    let cfg = write_config(
+        "[l1]\nenabled = true\nadmit_after_reads = 1\n[metrics]\nprefix = \"mcp\"\n[slowlog]\nlog_slower_than_us = 300000\n",
+    );
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}k", tag("known"));
+    let q = format!("{}q", tag("known"));
+    for i in 0..10 {
+        assert_eq!(s(c.cmd(&["SET", &k, &format!("v{i}")])), "+OK\r\n");
+    }
+    for _ in 0..20 {
+        assert_eq!(s(c.cmd(&["GET", &k])), "$2\r\nv9\r\n");
+    }
+    for _ in 0..3 {
+        let r = s(c.cmd(&["INCR", &k]));
+        assert!(r.starts_with("-ERR value is not an integer"), "{r}");
+    }
+    let r = s(c.cmd(&["GET"]));
+    assert!(r.starts_with("-ERR wrong number of arguments"), "{r}");
+    // The one command slower than the slow log's 300 ms.
+    assert_eq!(s(c.cmd(&["BLPOP", &q, "0.6"])), "*-1\r\n");
+
+    let (code, text) = px.admin_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("tierproxy_") || l.contains(" tierproxy_")),
+        "every name carries the configured prefix:\n{text}"
+    );
+    let d = "mcp_command_duration_seconds_count";
+    assert_eq!(
+        metric(&text, &format!("{d}{{command=\"set\",level=\"l2\"}}")),
+        Some(10.0),
+        "{text}"
+    );
+    let get_l1 = metric(&text, &format!("{d}{{command=\"get\",level=\"l1\"}}")).unwrap_or(0.0);
+    let get_l2 = metric(&text, &format!("{d}{{command=\"get\",level=\"l2\"}}")).unwrap_or(0.0);
+    assert_eq!(get_l1 + get_l2, 20.0, "{text}");
+    // The first GET fills L1; later ones are hits unless a tracking invalidation of the
+    // SETs arrived after that fill.
+    assert!(get_l1 >= 10.0, "{text}");
+    assert_eq!(
+        metric(&text, "mcp_cache_hits_total{level=\"l1\"}"),
+        Some(get_l1),
+        "hits counted once, as answered from L1"
+    );
+    assert_eq!(
+        metric(&text, &format!("{d}{{command=\"incr\",level=\"l2\"}}")),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(&text, &format!("{d}{{command=\"blpop\",level=\"l2\"}}")),
+        Some(1.0)
+    );
+    // BLPOP's 0.6 s lands in the buckets above 0.4096 s only.
+    assert_eq!(
+        metric(
+            &text,
+            "mcp_command_duration_seconds_bucket{command=\"blpop\",level=\"l2\",le=\"0.4096\"}"
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "mcp_command_duration_seconds_bucket{command=\"blpop\",level=\"l2\",le=\"+Inf\"}"
+        ),
+        Some(1.0)
+    );
+    // Three INCR errors and one arity error.
+    assert_eq!(
+        metric(&text, "mcp_error_replies_total{kind=\"ERR\"}"),
+        Some(4.0),
+        "{text}"
+    );
+    assert!(metric(&text, "mcp_commands_total").unwrap() >= 35.0);
+    assert_eq!(metric(&text, "mcp_inflight_requests"), Some(0.0));
+    assert_eq!(metric(&text, "mcp_slowlog_entries_total"), Some(1.0));
+
+    let stats = s(c.cmd(&["INFO", "commandstats"]));
+    assert!(stats.contains("cmdstat_set:calls=10,"), "{stats}");
+    assert!(stats.contains("cmdstat_get:calls=20,"), "{stats}");
+    assert!(stats.contains("rejected_calls=1,failed_calls=0"), "{stats}");
+    let incr = stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_incr:"))
+        .unwrap();
+    assert!(
+        incr.starts_with("cmdstat_incr:calls=3,")
+            && incr.ends_with("rejected_calls=0,failed_calls=3"),
+        "{incr}"
+    );
+    let lat = s(c.cmd(&["INFO", "latencystats"]));
+    assert!(
+        lat.contains("latency_percentiles_usec_blpop:p50=819200.000"),
+        "{lat}"
+    );
+    // INFO without arguments leaves them out, as Redis does.
+    assert!(!s(c.cmd(&["INFO"])).contains("cmdstat_"));
+
+    let slow = s(c.cmd(&["SLOWLOG", "GET"]));
+    assert!(slow.starts_with("*1\r\n*6\r\n"), "{slow}");
+    assert!(
+        slow.contains(&format!(
+            "*3\r\n$5\r\nBLPOP\r\n${}\r\n{q}\r\n$3\r\n0.6\r\n",
+            q.len()
+        )),
+        "{slow}"
+    );
+    let micros: u64 = slow.split("\r\n").nth(4).unwrap()[1..].parse().unwrap();
+    assert!(micros >= 600_000, "{slow}");
+    assert_eq!(s(c.cmd(&["SLOWLOG", "LEN"])), ":1\r\n");
+    assert_eq!(s(c.cmd(&["SLOWLOG", "RESET"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["SLOWLOG", "LEN"])), ":0\r\n");
+    let r = s(c.cmd(&["SLOWLOG", "GET", "-2"]));
+    assert!(
+        r.starts_with("-ERR count should be greater than or equal to -1"),
+        "{r}"
+    );
+    assert_eq!(
+        s(c.cmd(&["CONFIG", "GET", "slowlog-log-slower-than"])),
+        "*2\r\n$23\r\nslowlog-log-slower-than\r\n$6\r\n300000\r\n"
+    );
+    assert_eq!(s(c.cmd(&["CONFIG", "RESETSTAT"])), "+OK\r\n");
+    assert!(!s(c.cmd(&["INFO", "commandstats"])).contains("cmdstat_set"));
+}
+
+#[test]
+fn readyz_follows_the_cluster_stopping_and_starting() {
+    let cluster = support::RedisCluster::start(3, 0);
+    let px = Proxy::start(&cluster.seeds(), &[], &[]);
+    assert_eq!(px.admin_get("/readyz").0, 200);
+    let ready = |want: u16| {
+        support::eventually(Duration::from_secs(20), || {
+            px.admin_get("/readyz").0 == want
+        })
+    };
+    // Every node frozen: nothing answers, though every connection stays open.
+    cluster.signal_all("STOP");
+    let went_down = ready(503);
+    let body = px.admin_get("/readyz").1;
+    cluster.signal_all("CONT");
+    assert!(went_down, "readyz stayed 200 with the cluster stopped");
+    assert!(body.starts_with("upstream not ready"), "{body}");
+    assert!(ready(200), "readyz did not come back with the cluster");
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}k", tag("ready"));
+    assert!(support::eventually(Duration::from_secs(10), || s(
+        c.cmd(&["SET", &k, "v"])
+    )
+        == "+OK\r\n"));
+}
+
+#[test]
+fn sighup_reloads_l1_size_slowlog_and_passwords() {
+    let mut cfg = write_config(
+        "[l1]\nenabled = true\nadmit_after_reads = 1\nmax_entries = 1000\n[slowlog]\nlog_slower_than_us = -1\n",
+    );
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}k", tag("hup"));
+    assert_eq!(s(c.cmd(&["SET", &k, "v"])), "+OK\r\n");
+    // Read until cached (a tracking invalidation of the SET may drop the first fill).
+    assert!(support::eventually(Duration::from_secs(5), || {
+        s(c.cmd(&["GET", &k])) == "$1\r\nv\r\n"
+            && info_field(&mut c, "l1", "l1_entries").as_deref() == Some("1")
+    }));
+    assert_eq!(
+        info_field(&mut c, "l1", "l1_max_entries").as_deref(),
+        Some("1000")
+    );
+
+    let rewrite = |f: &mut tempfile::NamedTempFile, body: &str| {
+        let file = f.as_file_mut();
+        file.set_len(0).unwrap();
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        file.write_all(body.as_bytes()).unwrap();
+        file.sync_all().unwrap();
+    };
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &px.pid().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    rewrite(
+        &mut cfg,
+        "[l1]\nenabled = true\nadmit_after_reads = 1\nmax_entries = 50\n[slowlog]\nlog_slower_than_us = 0\n[auth]\npassword = \"hup-pw\"\n[upstream]\nconnect_timeout_ms = 777\n",
+    );
+    hup();
+    assert!(
+        support::eventually(Duration::from_secs(10), || {
+            info_field(&mut c, "l1", "l1_max_entries").as_deref() == Some("50")
+        }),
+        "{}",
+        px.stderr_tail()
+    );
+    // A new size means a new, empty cache; the open connection stays authenticated.
+    assert_eq!(info_field(&mut c, "l1", "l1_entries").as_deref(), Some("0"));
+    assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    assert_eq!(
+        s(c.cmd(&["CONFIG", "GET", "slowlog-log-slower-than"])),
+        "*2\r\n$23\r\nslowlog-log-slower-than\r\n$1\r\n0\r\n"
+    );
+    // Threshold 0: every command is logged now.
+    assert!(s(c.cmd(&["SLOWLOG", "LEN"])) != ":0\r\n");
+    // The new password applies to new connections.
+    let mut fresh = Resp::connect(&px.addr());
+    assert!(s(fresh.cmd(&["GET", &k])).starts_with("-NOAUTH"));
+    assert_eq!(s(fresh.cmd(&["AUTH", "hup-pw"])), "+OK\r\n");
+    assert_eq!(s(fresh.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    assert!(
+        support::eventually(Duration::from_secs(5), || px
+            .stderr_tail()
+            .contains("only take effect after a restart")
+            && px.stderr_tail().contains("upstream")),
+        "{}",
+        px.stderr_tail()
+    );
+
+    // An invalid file changes nothing and is counted.
+    rewrite(&mut cfg, "[l1]\nenabled = true\nmax_entries = 0\n");
+    hup();
+    assert!(support::eventually(Duration::from_secs(10), || {
+        metric(
+            &px.admin_get("/metrics").1,
+            "tierproxy_config_reloads_total{result=\"failed\"}",
+        ) == Some(1.0)
+    }));
+    assert_eq!(
+        info_field(&mut c, "l1", "l1_max_entries").as_deref(),
+        Some("50")
+    );
+    assert!(s(Resp::connect(&px.addr()).cmd(&["GET", &k])).starts_with("-NOAUTH"));
+    assert_eq!(
+        metric(
+            &px.admin_get("/metrics").1,
+            "tierproxy_config_reloads_total{result=\"ok\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn serve_stale_on_error_answers_from_l1_while_the_upstream_is_down() {
+    let redis = RedisServer::start();
+    let cfg = write_config(
+        "[l1]\nenabled = true\nadmit_after_reads = 1\nserve_stale_on_error = true\n[upstream]\nrequest_timeout_ms = 1000\nconnect_timeout_ms = 500\n",
+    );
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["SET", "hot", "cached"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["SET", "cold", "never-read"])), "+OK\r\n");
+    assert!(support::eventually(Duration::from_secs(5), || {
+        s(c.cmd(&["GET", "hot"])) == "$6\r\ncached\r\n"
+            && info_field(&mut c, "l1", "l1_entries").as_deref() == Some("1")
+    }));
+    let _ = Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "shutdown", "nosave"])
+        .output();
+    // The lost connections flush L1 (entries are no longer known fresh), but kept ones
+    // answer while the upstream cannot.
+    assert!(support::eventually(Duration::from_secs(10), || {
+        info_field(&mut c, "l1", "l1_flushes").is_some_and(|v| v != "0")
+    }));
+    assert_eq!(s(c.cmd(&["GET", "hot"])), "$6\r\ncached\r\n");
+    let r = s(c.cmd(&["GET", "cold"]));
+    assert!(r.starts_with("-ERR tierproxy: upstream"), "{r}");
+    assert_eq!(
+        info_field(&mut c, "l1", "l1_stale_served").as_deref(),
+        Some("1")
+    );
+}

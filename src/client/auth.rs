@@ -8,7 +8,13 @@ use sha2::{Digest, Sha256};
 use crate::config::AuthConfig;
 use crate::error::Error;
 
+/// The front end's users; replaced whole by a reload (SIGHUP). Connections already
+/// authenticated stay so, as in Redis after ACL changes to passwords.
 pub struct Auth {
+    inner: std::sync::RwLock<Users>,
+}
+
+struct Users {
     default_hash: Option<[u8; 32]>,
     users: HashMap<String, [u8; 32]>,
 }
@@ -33,6 +39,32 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 impl Auth {
     pub fn new(cfg: &AuthConfig) -> Auth {
         Auth {
+            inner: std::sync::RwLock::new(Users::new(cfg)),
+        }
+    }
+
+    pub fn reload(&self, cfg: &AuthConfig) {
+        *self.inner.write().unwrap_or_else(|p| p.into_inner()) = Users::new(cfg);
+    }
+
+    fn users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a new connection must authenticate before running commands.
+    pub fn required(&self) -> bool {
+        self.users().required()
+    }
+
+    /// Checks `AUTH [user] pass`; returns the authenticated user name.
+    pub fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
+        self.users().check(user, pass)
+    }
+}
+
+impl Users {
+    fn new(cfg: &AuthConfig) -> Users {
+        Users {
             default_hash: cfg
                 .password
                 .as_deref()
@@ -47,13 +79,11 @@ impl Auth {
         }
     }
 
-    /// Whether a new connection must authenticate before running commands.
-    pub fn required(&self) -> bool {
+    fn required(&self) -> bool {
         self.default_hash.is_some() || !self.users.is_empty()
     }
 
-    /// Checks `AUTH [user] pass`; returns the authenticated user name.
-    pub fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
+    fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
         let given = sha256(pass);
         match user {
             None | Some(b"default") => {

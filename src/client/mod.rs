@@ -7,13 +7,14 @@ pub mod session;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::metrics::{CmdStat, Level, Outcome};
 use crate::parse::request::{parse_batch, Limits};
 use crate::respond::Value;
 use crate::route::{self, Pending};
@@ -91,7 +92,61 @@ async fn serve(
         }
     }
     let _unregister = Unregister(px, id);
-    conn_loop(px, sock, &mut sess, &mut shutdown).await
+    crate::metrics::with_reply_level(conn_loop(px, sock, &mut sess, &mut shutdown)).await
+}
+
+/// A dispatched command waiting for its reply to be resolved and written.
+struct Queued {
+    p: Pending,
+    proto: crate::respond::Proto,
+    /// CLIENT REPLY OFF/SKIP: resolved but not written.
+    silent: bool,
+    stat: Option<&'static CmdStat>,
+    level: Level,
+    /// Refused by the proxy before it reached Redis (INFO commandstats rejected_calls).
+    rejected: bool,
+    started: Instant,
+    /// The request, kept only while the slow log is on, for its entry.
+    raw: Option<bytes::Bytes>,
+}
+
+/// Counts a reply that was resolved: commandstats, the duration histogram, the slow log.
+fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session) {
+    crate::metrics::INFLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
+    let error = match v {
+        Value::Error(e) => Some(e.as_bytes()),
+        Value::Raw(b) if crate::parse::reply::is_error(b) => Some(&b[1..]),
+        _ => None,
+    };
+    if let Some(e) = error {
+        px.stats.errors.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::count_error(e);
+    }
+    let micros = q.started.elapsed().as_micros() as u64;
+    let level = if crate::metrics::take_store_read() {
+        Level::L3
+    } else {
+        q.level
+    };
+    if let Some(stat) = q.stat {
+        let outcome = match (q.rejected, error.is_some()) {
+            (true, _) => Outcome::Rejected,
+            (false, true) => Outcome::Failed,
+            (false, false) => Outcome::Ok,
+        };
+        stat.record(level, micros, outcome);
+    }
+    if let Some(raw) = &q.raw {
+        if px.slowlog.is_slow(micros) {
+            let args = crate::parse::request::args_of(raw);
+            px.slowlog.record(
+                micros,
+                &args,
+                sess.entry.addr.to_string(),
+                sess.name.clone().unwrap_or_default(),
+            );
+        }
+    }
 }
 
 /// Counts a served connection out of `Proxy::active` when dropped.
@@ -115,7 +170,7 @@ async fn conn_loop(
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = BytesMut::with_capacity(READ_CHUNK);
     let mut reqs = Vec::new();
-    let mut pending: Vec<(Pending, crate::respond::Proto, bool)> = Vec::new();
+    let mut pending: Vec<Queued> = Vec::new();
     loop {
         let limits = Limits {
             proto_max_bulk_len: cfg.proto_max_bulk_len as i64,
@@ -188,7 +243,10 @@ async fn conn_loop(
                 && req.args[0].eq_ignore_ascii_case(b"client")
                 && req.args[1].eq_ignore_ascii_case(b"reply");
             let before = sess.reply_mode;
+            let started = Instant::now();
+            let raw = px.slowlog.enabled().then(|| req.raw.clone());
             let p = route::dispatch(px, sess, req).await;
+            crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
             let silent = if is_client_reply {
                 sess.reply_mode != ReplyMode::On
             } else {
@@ -201,7 +259,17 @@ async fn conn_loop(
             // everything before it) before the next command is dispatched, so that no
             // later command of the pipeline overtakes it.
             let barrier = p.is_deferred();
-            pending.push((p, sess.proto, silent));
+            let rejected = matches!(&p, Pending::Ready(v) if is_error_reply(v));
+            pending.push(Queued {
+                p,
+                proto: sess.proto,
+                silent,
+                stat: sess.cmd_stat.take(),
+                level: sess.level,
+                rejected,
+                started,
+                raw,
+            });
             if barrier {
                 let drained = drain(
                     px,
@@ -280,7 +348,7 @@ async fn write_out(
 /// a blocking command waited (that command is abandoned, its connection closed).
 async fn drain(
     px: &Arc<Proxy>,
-    pending: &mut Vec<(Pending, crate::respond::Proto, bool)>,
+    pending: &mut Vec<Queued>,
     out: &mut BytesMut,
     rd: &mut tokio::net::tcp::OwnedReadHalf,
     inbuf: &mut BytesMut,
@@ -290,7 +358,9 @@ async fn drain(
     // A subscriber's messages are interleaved with its replies.
     let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
     let limit = px.cfg.client.query_buffer_limit;
-    for (p, proto, silent) in pending.drain(..) {
+    let total = pending.len();
+    for (i, mut q) in pending.drain(..).enumerate() {
+        let p = std::mem::replace(&mut q.p, Pending::Ready(Value::Null));
         let blocking = p.is_blocking();
         let resolve = p.resolve(px);
         tokio::pin!(resolve);
@@ -309,17 +379,17 @@ async fn drain(
             }
         };
         let Some(v) = v else {
+            // This command and the ones after it are abandoned with the client.
+            crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return false;
         };
-        if is_error_reply(&v) {
-            px.stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        account(px, &q, &v, sess);
         // Messages that arrived before this reply go out before it.
         if let Some(o) = outbox {
             o.drain_into(out);
         }
-        if !silent {
-            v.encode(proto, out);
+        if !q.silent {
+            v.encode(q.proto, out);
         }
     }
     true

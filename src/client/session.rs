@@ -129,6 +129,10 @@ pub struct Session {
     pub txn: crate::route::txn::TxnState,
     /// Subscriptions, once the client subscribed to anything.
     pub pubsub: Option<Box<crate::route::pubsub::PubSub>>,
+    /// Set by dispatch for the command just dispatched: its counters (None for unknown
+    /// commands) and where its reply comes from.
+    pub cmd_stat: Option<&'static crate::metrics::CmdStat>,
+    pub level: crate::metrics::Level,
 }
 
 impl Session {
@@ -144,6 +148,8 @@ impl Session {
             last_cmd: None,
             txn: Default::default(),
             pubsub: None,
+            cmd_stat: None,
+            level: crate::metrics::Level::L2,
         }
     }
 

@@ -21,8 +21,8 @@ pub mod tracking;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +53,8 @@ pub struct KeyEntry {
     /// (signature: protocol byte + exact request bytes, raw reply)
     replies: Arc<Vec<(Bytes, Bytes)>>,
     expires_at: Instant,
+    /// The flush epoch it was filled in: served only while that is current.
+    epoch: u64,
 }
 
 impl KeyEntry {
@@ -65,6 +67,27 @@ impl KeyEntry {
                 .map(|(s, r)| s.len() + r.len() + 32)
                 .sum::<usize>()
     }
+}
+
+type KeyCache = Cache<Bytes, KeyEntry, ahash::RandomState>;
+
+/// A cache bounded by bytes and entries at once: every entry weighs at least
+/// `max_bytes / max_entries`.
+fn build_cache(max_bytes: u64, max_entries: u64, evictions: Arc<AtomicU64>) -> KeyCache {
+    let min_weight = (max_bytes / max_entries.max(1)).max(1);
+    Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(move |k: &Bytes, v: &KeyEntry| {
+            (v.bytes(k) as u64).max(min_weight).min(u32::MAX as u64) as u32
+        })
+        .expire_after(ExpireAt)
+        .eviction_listener(move |_k, _v, cause| {
+            if cause == RemovalCause::Size {
+                evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
+        .build_with_hasher(ahash::RandomState::new())
 }
 
 struct ExpireAt;
@@ -100,6 +123,8 @@ pub struct L1Stats {
     pub l2_hits: AtomicU64,
     pub l2_misses: AtomicU64,
     pub evictions: Arc<AtomicU64>,
+    /// Replies served stale while the upstream was unreachable (serve_stale_on_error).
+    pub stale_served: AtomicU64,
 }
 
 /// A read's ticket to fill: the generations it saw before it was sent.
@@ -114,15 +139,18 @@ pub struct L1 {
     pub coherence: Coherence,
     /// Channel whose messages name keys to drop (seed's event-based invalidation).
     pub event_channel: Option<Bytes>,
-    max_value_bytes: usize,
-    default_ttl: Duration,
-    max_ttl: Duration,
-    admit_after: u32,
-    cache: Cache<Bytes, KeyEntry, ahash::RandomState>,
+    // Reloadable (SIGHUP): read on every use.
+    max_value_bytes: AtomicUsize,
+    default_ttl_ms: AtomicU64,
+    max_ttl_ms: AtomicU64,
+    admit_after: AtomicU32,
+    max_entries: AtomicU64,
+    /// Swapped for a new one when a reload changes the size limits.
+    cache: RwLock<KeyCache>,
     /// Admission counters: (window number << 16 | reads in that window), by key hash.
     /// A collision can only admit a key early; memory is fixed.
     reads: Box<[AtomicU32]>,
-    admit_window_ms: u64,
+    admit_window_ms: AtomicU64,
     started: Instant,
     gens: Box<[AtomicU64]>,
     /// Writes through this proxy in flight, per bucket: while one is, its keys are
@@ -131,7 +159,9 @@ pub struct L1 {
     epoch: AtomicU64,
     hasher: ahash::RandomState,
     pub stats: L1Stats,
-    pub max_bytes: u64,
+    max_bytes: AtomicU64,
+    /// Keep entries through unsure flushes, to answer reads while the upstream is down.
+    serve_stale: bool,
     /// Set when the backend cannot track keys: L1 then serves and stores nothing.
     disabled: std::sync::atomic::AtomicBool,
     /// Reads in flight by exact request: later identical misses wait for the first.
@@ -192,22 +222,8 @@ impl Drop for LeadGuard {
 
 impl L1 {
     pub fn new(cfg: &L1Config) -> L1 {
-        let min_weight = (cfg.max_bytes / cfg.max_entries.max(1)).max(1);
         let evictions = Arc::new(AtomicU64::new(0));
-        let ev = evictions.clone();
-        let cache = Cache::builder()
-            .max_capacity(cfg.max_bytes)
-            .weigher(move |k: &Bytes, v: &KeyEntry| {
-                (v.bytes(k) as u64).max(min_weight).min(u32::MAX as u64) as u32
-            })
-            .expire_after(ExpireAt)
-            .eviction_listener(move |_k, _v, cause| {
-                if cause == RemovalCause::Size {
-                    ev.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
-            .build_with_hasher(ahash::RandomState::new());
+        let cache = build_cache(cfg.max_bytes, cfg.max_entries, evictions.clone());
         let read_slots = (cfg.max_entries.saturating_mul(4))
             .clamp(1 << 12, 1 << 22)
             .next_power_of_two() as usize;
@@ -220,13 +236,14 @@ impl L1 {
             } else {
                 Coherence::Tracking
             },
-            max_value_bytes: cfg.max_value_bytes as usize,
-            default_ttl: Duration::from_millis(cfg.default_ttl_ms),
-            max_ttl: Duration::from_millis(cfg.max_ttl_ms),
-            admit_after: cfg.admit_after_reads.max(1),
-            cache,
+            max_value_bytes: AtomicUsize::new(cfg.max_value_bytes as usize),
+            default_ttl_ms: AtomicU64::new(cfg.default_ttl_ms),
+            max_ttl_ms: AtomicU64::new(cfg.max_ttl_ms),
+            admit_after: AtomicU32::new(cfg.admit_after_reads.max(1)),
+            max_entries: AtomicU64::new(cfg.max_entries),
+            cache: RwLock::new(cache),
             reads,
-            admit_window_ms: cfg.admit_window_ms.max(1),
+            admit_window_ms: AtomicU64::new(cfg.admit_window_ms.max(1)),
             started: Instant::now(),
             gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             writing: (0..GEN_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
@@ -236,10 +253,50 @@ impl L1 {
                 evictions,
                 ..Default::default()
             },
-            max_bytes: cfg.max_bytes,
+            max_bytes: AtomicU64::new(cfg.max_bytes),
+            serve_stale: cfg.serve_stale_on_error,
             inflight: Mutex::new(HashMap::new()),
             disabled: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn cache(&self) -> RwLockReadGuard<'_, KeyCache> {
+        self.cache.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies reloaded limits (SIGHUP). New sizes take a new, empty cache (moka's
+    /// capacity is fixed at build); TTLs, the value limit and admission apply to the
+    /// next fills. Returns whether the cache was replaced.
+    pub fn reconfigure(&self, cfg: &L1Config) -> bool {
+        self.max_value_bytes
+            .store(cfg.max_value_bytes as usize, Ordering::Relaxed);
+        self.default_ttl_ms
+            .store(cfg.default_ttl_ms, Ordering::Relaxed);
+        self.max_ttl_ms.store(cfg.max_ttl_ms, Ordering::Relaxed);
+        self.admit_after
+            .store(cfg.admit_after_reads.max(1), Ordering::Relaxed);
+        self.admit_window_ms
+            .store(cfg.admit_window_ms.max(1), Ordering::Relaxed);
+        let resized = self.max_bytes.load(Ordering::Relaxed) != cfg.max_bytes
+            || self.max_entries.load(Ordering::Relaxed) != cfg.max_entries;
+        if resized {
+            let fresh = build_cache(cfg.max_bytes, cfg.max_entries, self.stats.evictions.clone());
+            // Fills in flight were admitted under the old cache: refuse them.
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            *self.cache.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            self.max_bytes.store(cfg.max_bytes, Ordering::Relaxed);
+            self.max_entries.store(cfg.max_entries, Ordering::Relaxed);
+            self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        resized
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn max_entries(&self) -> u64 {
+        self.max_entries.load(Ordering::Relaxed)
     }
 
     /// Turns L1 off for good (the backend refused tracking: caching would be incoherent).
@@ -306,8 +363,10 @@ impl L1 {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        let found = self.cache.get(key).and_then(|e| {
-            if e.expires_at <= Instant::now() {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let found = self.cache().get(key).and_then(|e| {
+            // Entries of an earlier epoch are kept only to be served stale.
+            if e.expires_at <= Instant::now() || e.epoch != epoch {
                 return None;
             }
             e.replies
@@ -326,11 +385,12 @@ impl L1 {
 
     /// Counts a read of `key`; true once it is hot enough to be cached.
     pub fn admit(&self, key: &Bytes) -> bool {
-        if self.admit_after <= 1 {
+        let admit_after = self.admit_after.load(Ordering::Relaxed);
+        if admit_after <= 1 {
             return true;
         }
-        let window =
-            ((self.started.elapsed().as_millis() as u64 / self.admit_window_ms) & 0xFFFF) as u32;
+        let window_ms = self.admit_window_ms.load(Ordering::Relaxed);
+        let window = ((self.started.elapsed().as_millis() as u64 / window_ms) & 0xFFFF) as u32;
         let mut h = self.hasher.build_hasher();
         h.write(key);
         let slot = &self.reads[(h.finish() as usize) & (self.reads.len() - 1)];
@@ -343,7 +403,7 @@ impl L1 {
             };
             let next = (window << 16) | count;
             match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return count >= self.admit_after,
+                Ok(_) => return count >= admit_after,
                 Err(actual) => cur = actual,
             }
         }
@@ -367,13 +427,17 @@ impl L1 {
     /// Caches `reply` for `key`/`sig` if nothing invalidated the key since `token`.
     /// `pttl_ms` is the key's remaining TTL in Redis (-1: none, -2: no such key).
     pub fn fill(&self, key: Bytes, token: FillToken, sig: Bytes, reply: Bytes, pttl_ms: i64) {
-        if reply.len() > self.max_value_bytes
+        if reply.len() > self.max_value_bytes.load(Ordering::Relaxed)
             || crate::parse::reply::is_error(&reply)
             || self.is_disabled()
         {
             return;
         }
-        let mut ttl = self.default_ttl.min(self.max_ttl);
+        let mut ttl = Duration::from_millis(
+            self.default_ttl_ms
+                .load(Ordering::Relaxed)
+                .min(self.max_ttl_ms.load(Ordering::Relaxed)),
+        );
         if pttl_ms >= 0 {
             ttl = ttl.min(Duration::from_millis(pttl_ms as u64));
         }
@@ -385,8 +449,9 @@ impl L1 {
             return;
         }
         let now = Instant::now();
-        let mut replies: Vec<(Bytes, Bytes)> = match self.cache.get(&key) {
-            Some(e) if e.expires_at > now => e
+        let cache = self.cache();
+        let mut replies: Vec<(Bytes, Bytes)> = match cache.get(&key) {
+            Some(e) if e.expires_at > now && e.epoch == token.epoch => e
                 .replies
                 .iter()
                 .filter(|(s, _)| *s != sig)
@@ -396,16 +461,17 @@ impl L1 {
         };
         // An entry's lifetime is that of its newest reply, which mirrors the key's TTL now.
         replies.push((sig, reply));
-        self.cache.insert(
+        cache.insert(
             key.clone(),
             KeyEntry {
                 replies: Arc::new(replies),
                 expires_at: now + ttl,
+                epoch: token.epoch,
             },
         );
         if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
             // An invalidation raced the insert: it may have run before the insert landed.
-            self.cache.invalidate(&key);
+            cache.invalidate(&key);
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -433,32 +499,71 @@ impl L1 {
     pub fn invalidate(&self, key: &[u8]) {
         let b = self.bucket(key);
         self.gens[b].fetch_add(1, Ordering::SeqCst);
-        self.cache.invalidate(key);
+        self.cache().invalidate(key);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops everything (and stops every in-flight fill).
     pub fn flush(&self, why: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.cache.invalidate_all();
+        self.cache().invalidate_all();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(reason = why, "L1 flushed");
     }
 
+    /// Invalidations may have been lost (a tracking connection closed, the topology
+    /// changed): nothing cached may be served as fresh any more. With
+    /// `l1.serve_stale_on_error` the entries are kept, unserved, until their TTL, to
+    /// answer reads that fail for want of the upstream; otherwise they are dropped.
+    pub fn flush_unsure(&self, why: &str) {
+        if !self.serve_stale {
+            return self.flush(why);
+        }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            reason = why,
+            "L1 flushed (entries kept for serve_stale_on_error)"
+        );
+    }
+
+    /// The cached reply to this request whatever its epoch (it may be stale): only for
+    /// `l1.serve_stale_on_error`, when the upstream cannot answer.
+    pub fn get_stale(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Bytes> {
+        if !self.serve_stale || self.is_disabled() || self.being_written(key) {
+            return None;
+        }
+        let found = self.cache().get(key).and_then(|e| {
+            if e.expires_at <= Instant::now() {
+                return None;
+            }
+            e.replies
+                .iter()
+                .find(|(s, _)| matches(s))
+                .map(|(_, r)| r.clone())
+        });
+        if found.is_some() {
+            self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
     pub fn entries(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.entry_count()
+        let cache = self.cache();
+        cache.run_pending_tasks();
+        cache.entry_count()
     }
 
     /// Bytes held (as weighed, i.e. never less than the real bytes).
     pub fn weighted_bytes(&self) -> u64 {
-        self.cache.run_pending_tasks();
-        self.cache.weighted_size()
+        let cache = self.cache();
+        cache.run_pending_tasks();
+        cache.weighted_size()
     }
 
     /// Replies cached for `key` (TIERPROXY.L1 GET), with remaining lifetime.
     pub fn peek(&self, key: &[u8]) -> Option<(Vec<(Bytes, Bytes)>, Duration)> {
-        self.cache.get(key).map(|e| {
+        self.cache().get(key).map(|e| {
             (
                 e.replies.as_ref().clone(),
                 e.expires_at.saturating_duration_since(Instant::now()),

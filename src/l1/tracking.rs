@@ -97,7 +97,7 @@ pub async fn start(
         let why = listen(&mut rd, &mut buf, &l1).await;
         flag.store(false, Ordering::Release);
         tracing::warn!(upstream = %node, reason = %why, "invalidation connection lost; flushing L1");
-        l1.flush("invalidation connection lost");
+        l1.flush_unsure("invalidation connection lost");
         on_lost();
     });
     Ok(Invalidator {

@@ -118,6 +118,23 @@ pub fn parse_batch(
     result
 }
 
+/// The arguments of one complete request's forwarded bytes (`Request::raw`, always a
+/// multibulk), zero-copy: for diagnostics such as the slow log.
+pub fn args_of(raw: &Bytes) -> Vec<Bytes> {
+    let limits = Limits {
+        proto_max_bulk_len: i64::MAX,
+        unauthenticated: false,
+    };
+    let mut ranges = Vec::new();
+    match raw.first() {
+        Some(b'*') => match parse_one(raw, limits, 0, &mut ranges) {
+            Ok(Some(_)) => ranges.iter().map(|&(s, e)| raw.slice(s..e)).collect(),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
 fn find_cr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\r')
 }

@@ -89,6 +89,8 @@ pub struct CommandInfo {
     key_specs: Vec<KeySpec>,
     pub subcommands: HashMap<Vec<u8>, Arc<CommandInfo>>,
     pub policy: Policy,
+    /// INFO commandstats and the duration histogram, shared by every table built.
+    pub stat: &'static crate::metrics::CmdStat,
 }
 
 impl CommandInfo {
@@ -369,6 +371,7 @@ fn parse_entry(e: &F) -> Option<CommandInfo> {
         }
     }
     let mut info = CommandInfo {
+        stat: crate::metrics::command_stat(&name),
         name,
         arity,
         flags,
@@ -455,6 +458,8 @@ fn policy_for(info: &CommandInfo) -> Policy {
         "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe"
         | "sunsubscribe" => Policy::Subscribe,
         n if n.starts_with("pubsub|") => Policy::PubSubInfo,
+        // The proxy's own slow log: the time clients see, not one node's.
+        n if n.starts_with("slowlog|") => Policy::Local,
         "wait" => Policy::Blocking,
         // Script and function state lives on each node (route::scripts).
         "script|load" | "script|exists" | "script|flush" | "function|load" | "function|delete"
@@ -495,6 +500,7 @@ mod tests {
             }],
             subcommands: HashMap::new(),
             policy: Policy::Forward,
+            stat: crate::metrics::command_stat("eval"),
         };
         assert_eq!(
             eval.key_indices(&args(&["eval", "s", "2", "a", "b", "x"])),

@@ -122,11 +122,15 @@ fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
 
 /// MGET of several keys: each key is a cached GET (an MGET element is byte for byte the
 /// GET reply), merged in key order. A key of another type is nil, as in MGET.
-pub async fn mget(px: &Arc<Proxy>, sess: &Session, l1: &Arc<L1>, keys: Vec<Bytes>) -> Pending {
+pub async fn mget(px: &Arc<Proxy>, sess: &mut Session, l1: &Arc<L1>, keys: Vec<Bytes>) -> Pending {
     let mut parts = Vec::with_capacity(keys.len());
     for key in keys {
         let req = Request::from_args(vec![Bytes::from_static(b"GET"), key.clone()]);
         parts.push(read(px, sess, l1, key, req).await);
+    }
+    // From L1 only if every key was.
+    if !parts.iter().all(|p| matches!(p, Pending::Ready(_))) {
+        sess.level = crate::metrics::Level::L2;
     }
     let px = px.clone();
     let proto = sess.proto;
@@ -152,7 +156,7 @@ pub async fn mget(px: &Arc<Proxy>, sess: &Session, l1: &Arc<L1>, keys: Vec<Bytes
 /// in flight) and then filled, with the key's PTTL read in the same round trip.
 pub async fn read(
     px: &Arc<Proxy>,
-    sess: &Session,
+    sess: &mut Session,
     l1: &Arc<L1>,
     key: Bytes,
     req: Request,
@@ -160,6 +164,7 @@ pub async fn read(
     let proto = sess.proto;
     let hint = sess.hint();
     if let Some(reply) = l1.get(&key, |s| signature_matches(s, proto, &req.args)) {
+        sess.level = crate::metrics::Level::L1;
         return Pending::Ready(Value::Raw(reply));
     }
     let target = Target::Slot(crate::upstream::key_slot(&key));
@@ -173,13 +178,14 @@ pub async fn read(
                     count_l2(&l1, &reply);
                     Value::Raw(reply)
                 }
-                Err(e) => e.to_reply(),
+                Err(e) => or_stale(&l1, &key, &sig, e),
             }
         }));
     }
     match l1.lead_or_follow(&sig, &key) {
         Role::Follow(rx) => {
             let px = px.clone();
+            let l1 = l1.clone();
             Pending::Later(Box::pin(async move {
                 match rx.await {
                     Ok(reply) => Value::Raw(reply),
@@ -189,7 +195,7 @@ pub async fn read(
                             .await
                         {
                             Ok(raw) => Value::Raw(raw),
-                            Err(e) => e.to_reply(),
+                            Err(e) => or_stale(&l1, &key, &sig, e),
                         }
                     }
                 }
@@ -217,11 +223,23 @@ pub async fn read(
                         guard.complete(&reply);
                         Value::Raw(reply)
                     }
-                    Err(e) => e.to_reply(),
+                    Err(e) => or_stale(&l1, &key, &sig, e),
                 }
             }))
         }
     }
+}
+
+/// The error for a read the upstream could not answer, or, with
+/// `l1.serve_stale_on_error` and the upstream unreachable, the last reply cached for it.
+fn or_stale(l1: &L1, key: &[u8], sig: &Bytes, e: crate::error::Error) -> Value {
+    use crate::error::Error;
+    if matches!(e, Error::Upstream { .. } | Error::NoTopology(_)) {
+        if let Some(reply) = l1.get_stale(key, |s| s == &sig[..]) {
+            return Value::Raw(reply);
+        }
+    }
+    e.to_reply()
 }
 
 /// A reply from Redis with any spill stub in it resolved (before it is cached).

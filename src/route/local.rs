@@ -41,6 +41,9 @@ fn local_arity(name: &str) -> Option<i64> {
         "tierproxy.invalidate" => 2,
         "tierproxy.l1|flush" | "tierproxy.l1|stats" => 2,
         "tierproxy.l1|get" => 3,
+        "slowlog" => -2,
+        "slowlog|get" => -2,
+        "slowlog|len" | "slowlog|reset" | "slowlog|help" => 2,
         _ => return None,
     })
 }
@@ -49,7 +52,7 @@ fn full_name(name: &[u8], req: &Request) -> String {
     let name = String::from_utf8_lossy(name).into_owned();
     if matches!(
         name.as_str(),
-        "client" | "config" | "cluster" | "tierproxy.l1"
+        "client" | "config" | "cluster" | "tierproxy.l1" | "slowlog"
     ) && req.args.len() >= 2
     {
         let sub = String::from_utf8_lossy(&req.args[1]).to_ascii_lowercase();
@@ -157,6 +160,7 @@ pub fn handle_early(
         n if n.starts_with("config|") => config(px, sess, n, a),
         n if n.starts_with("cluster|") => return Some(cluster(px, sess, n, a)),
         n if n.starts_with("tierproxy.l1|") => l1_admin(px, n, a),
+        s if s.starts_with("slowlog|") => px.slowlog.command(s, a),
         "tierproxy.tag" => return Some(super::tags::tag(px, sess, a.to_vec())),
         "tierproxy.invalidate" => return Some(super::tags::invalidate(px, sess, a.to_vec())),
         _ => return None,
@@ -507,7 +511,7 @@ pub fn glob_match(pat: &[u8], s: &[u8]) -> bool {
 
 /// What `CONFIG GET` answers: what redis-benchmark and client libraries ask about.
 fn config_values(px: &Proxy) -> Vec<(&'static str, String)> {
-    let c = &px.cfg;
+    let c = px.config();
     let port = px.local_port.load(Ordering::Relaxed).to_string();
     vec![
         ("save", String::new()),
@@ -526,6 +530,11 @@ fn config_values(px: &Proxy) -> Vec<(&'static str, String)> {
             c.client.query_buffer_limit.to_string(),
         ),
         ("timeout", c.client.idle_timeout_secs.to_string()),
+        (
+            "slowlog-log-slower-than",
+            c.slowlog.log_slower_than_us.to_string(),
+        ),
+        ("slowlog-max-len", c.slowlog.max_len.to_string()),
         ("port", port),
     ]
 }
@@ -544,6 +553,7 @@ fn config(px: &Proxy, sess: &Session, sub: &str, a: &[Bytes]) -> Value {
         }
         "config|resetstat" => {
             px.stats.reset();
+            crate::metrics::reset_command_stats();
             Value::ok()
         }
         "config|help" => Value::Array(vec![Value::SimpleOwned(
@@ -605,13 +615,15 @@ fn l1_fields(l1: &crate::l1::L1) -> Vec<(&'static str, u64)> {
         ("l1_misses", ld(&st.misses)),
         ("l1_entries", l1.entries()),
         ("l1_bytes", l1.weighted_bytes()),
-        ("l1_max_bytes", l1.max_bytes),
+        ("l1_max_bytes", l1.max_bytes()),
+        ("l1_max_entries", l1.max_entries()),
         ("l1_evictions", ld(&st.evictions)),
         ("l1_invalidations", ld(&st.invalidations)),
         ("l1_flushes", ld(&st.flushes)),
         ("l1_fills", ld(&st.fills)),
         ("l1_fills_raced", ld(&st.fills_raced)),
         ("l1_merged_reads", ld(&st.merged)),
+        ("l1_stale_served", ld(&st.stale_served)),
     ]
 }
 
@@ -709,10 +721,11 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
         .iter()
         .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase())
         .collect();
-    let all = wanted.is_empty()
-        || wanted
-            .iter()
-            .any(|w| w == "all" || w == "default" || w == "everything");
+    let everything = wanted.iter().any(|w| w == "all" || w == "everything");
+    let all = wanted.is_empty() || everything || wanted.iter().any(|w| w == "default");
+    // As Redis: commandstats and latencystats only when asked for (or "all").
+    let named = wanted.clone();
+    let want_extra = move |s: &str| everything || named.iter().any(|w| w == s);
     let want = move |s: &str| all || wanted.iter().any(|w| w == s);
     let px = px.clone();
     Pending::Deferred(Box::pin(async move {
@@ -794,7 +807,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                     out.push_str(&format!(
                         "spill_enabled:1\r\nspill_store:{}\r\nspill_threshold_bytes:{}\r\nspill_writes:{}\r\nspill_bytes_in:{}\r\nspill_bytes_stored:{}\r\nspill_reads:{}\r\nspill_bytes_out:{}\r\nspill_merged_reads:{}\r\nspill_errors:{}\r\nspill_discarded:{}\r\nspill_store_ops:{}\r\nspill_store_avg_ms:{:.2}\r\nspill_swept:{}\r\n",
                         sp.store.describe(),
-                        sp.threshold,
+                        sp.threshold(),
                         ld(&st.writes),
                         ld(&st.bytes_in),
                         ld(&st.bytes_stored),
@@ -829,6 +842,16 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                 }
                 None => out.push_str("spill_enabled:0\r\n"),
             }
+            out.push_str("\r\n");
+        }
+        if want_extra("commandstats") {
+            out.push_str("# Commandstats\r\n");
+            crate::metrics::info_commandstats(&mut out);
+            out.push_str("\r\n");
+        }
+        if want_extra("latencystats") {
+            out.push_str("# Latencystats\r\n");
+            crate::metrics::info_latencystats(&mut out);
             out.push_str("\r\n");
         }
         if want("keyspace") {

@@ -97,11 +97,22 @@ fn allowed_before_auth(name: &[u8]) -> bool {
 }
 
 pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pending {
+    use crate::metrics::Level;
     let lowered = Lowered::new(&req.args[0]);
     let name = lowered.as_bytes();
     px.stats
         .commands
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One table lookup per command: for its counters now, for routing below.
+    let table = px.upstream.table();
+    let lookup = table
+        .as_ref()
+        .map(|t| t.lookup_lowered(&lowered, &req.args));
+    sess.cmd_stat = match &lookup {
+        Some(Lookup::Found(info)) => Some(info.stat),
+        _ => None,
+    };
+    sess.level = Level::L2;
 
     if let Some(ps) = sess.pubsub.as_mut() {
         ps.settle();
@@ -112,14 +123,12 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
             return pubsub::subscribed_ping(&req);
         }
         if !pubsub::allowed_in_resp2_subscribed(name) {
-            if let Some(table) = px.upstream.table() {
-                if let Lookup::Found(info) = table.lookup_lowered(&lowered, &req.args) {
-                    if info.arity_ok(req.args.len()) {
-                        return Pending::error(Error::redis(format!(
-                            "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
-                            info.name
-                        )));
-                    }
+            if let Some(Lookup::Found(info)) = &lookup {
+                if info.arity_ok(req.args.len()) {
+                    return Pending::error(Error::redis(format!(
+                        "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
+                        info.name
+                    )));
                 }
             }
         }
@@ -142,7 +151,12 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     let req = if txn::wants(sess, name) {
         // Boxed: the transaction path is rare, and keeps the common future small.
         match Box::pin(txn::intercept(px, sess, &lowered, req)).await {
-            Ok(p) => return p,
+            Ok(p) => {
+                if name != b"exec" {
+                    sess.level = Level::Local;
+                }
+                return p;
+            }
             Err(req) => req,
         }
     } else {
@@ -150,9 +164,10 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     };
     // Connection-level commands work even before the upstream is known.
     if let Some(p) = local::handle_early(px, sess, name, &req) {
+        sess.level = Level::Local;
         return p;
     }
-    let Some(table) = px.upstream.table() else {
+    let Some(lookup) = lookup else {
         // Without the table we cannot check existence or arity first; an unauthenticated
         // client learns nothing about the upstream either way.
         if !sess.authenticated {
@@ -160,7 +175,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         }
         return Pending::error(Error::NoTopology(px.upstream.last_error()));
     };
-    let info = match table.lookup_lowered(&lowered, &req.args) {
+    let info = match lookup {
         Lookup::Found(info) => info,
         Lookup::UnknownSub(container) => {
             return Pending::error(Error::unknown_subcommand(&req.args[1], &container.name));
@@ -290,7 +305,10 @@ async fn by_policy(
     req: Request,
 ) -> Pending {
     match info.policy {
-        Policy::Local => local::handle(px, sess, &info.name, req).await,
+        Policy::Local => {
+            sess.level = crate::metrics::Level::Local;
+            local::handle(px, sess, &info.name, req).await
+        }
         Policy::Mget | Policy::Mset | Policy::SumKeys => {
             multi::dispatch(px, sess, info.policy, info, req).await
         }

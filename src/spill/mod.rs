@@ -100,7 +100,8 @@ impl Histogram {
 type Waiters = Vec<oneshot::Sender<Result<Bytes, SpillError>>>;
 
 pub struct Spill {
-    pub threshold: usize,
+    /// Values longer than this are spilled (reloadable: `l3.threshold_bytes`).
+    threshold: std::sync::atomic::AtomicUsize,
     /// In-Redis compression from this size up (below the threshold); 0 = off.
     pub compress_min: usize,
     key: Vec<u8>,
@@ -131,7 +132,7 @@ impl Spill {
                 .map_err(|e| err(format!("l3.dir {}: signing key: {e}", cfg.dir)))?
         };
         Ok(Spill {
-            threshold: cfg.threshold_bytes as usize,
+            threshold: std::sync::atomic::AtomicUsize::new(cfg.threshold_bytes as usize),
             compress_min: cfg.compression_min_bytes as usize,
             key,
             prefix: cfg.prefix.clone(),
@@ -162,7 +163,7 @@ impl Spill {
     /// Whether a value written by a client may not go to Redis as it is: it is spilled,
     /// compressed, or escaped because it looks like a stub.
     pub fn must_wrap(&self, value: &[u8]) -> bool {
-        value.len() > self.threshold
+        value.len() > self.threshold()
             || stub::is_stub(value)
             || (self.compress_min > 0 && value.len() >= self.compress_min)
     }
@@ -229,7 +230,7 @@ impl Spill {
     /// name is returned, so the caller can discard it if Redis does not take the write),
     /// or the envelope of a small value that merely looks like a stub.
     pub async fn wrap(&self, value: Bytes) -> Result<(Bytes, Option<String>), SpillError> {
-        if value.len() <= self.threshold {
+        if value.len() <= self.threshold() {
             return Ok((self.wrap_small(value), None));
         }
         let level = self.level;
@@ -283,6 +284,16 @@ impl Spill {
         }
     }
 
+    pub fn threshold(&self) -> usize {
+        self.threshold.load(Ordering::Relaxed)
+    }
+
+    /// SIGHUP: a new threshold applies to the next writes (stubs already written stay
+    /// valid whatever it is).
+    pub fn set_threshold(&self, bytes: u64) {
+        self.threshold.store(bytes as usize, Ordering::Relaxed);
+    }
+
     /// The parsed stub, if `value` is one (no store access).
     pub fn parse(&self, value: &Bytes) -> Option<Result<Stub, StubError>> {
         stub::is_stub(value).then(|| Stub::decode(value, &self.key))
@@ -306,7 +317,11 @@ impl Spill {
                     .map(Bytes::from)
                     .map_err(|e| SpillError::Corrupt(format!("zstd: {e}")))?
             }
-            (Body::Object(name), _) => self.fetch(name, &stub).await?,
+            (Body::Object(name), _) => {
+                let out = self.fetch(name, &stub).await?;
+                crate::metrics::mark_store_read();
+                out
+            }
         };
         if out.len() as u64 != stub.original_len || stub::sha256(&out) != stub.checksum {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -341,6 +356,7 @@ impl Spill {
                         self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     })?;
                 self.stats.ranged_reads.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::mark_store_read();
                 self.stats.bytes_out.fetch_add(len, Ordering::Relaxed);
                 return Ok(r);
             }

@@ -9,6 +9,7 @@
 //! periodically and whenever a redirect or a lost connection says it changed.
 
 pub mod conn;
+pub mod iam;
 pub mod pinned;
 pub mod topology;
 
@@ -188,7 +189,7 @@ impl Node {
         Ok(ConnOpts {
             tracking_redirect: Some(id),
             on_close: Some(Arc::new(move || {
-                flush.flush("tracked data connection closed")
+                flush.flush_unsure("tracked data connection closed")
             })),
         })
     }
@@ -569,7 +570,7 @@ impl Upstream {
         drop(guard);
         if let Some(l1) = &self.tracking {
             // The slot's keys now live on a node whose tracking has never seen our reads.
-            l1.flush("slot moved");
+            l1.flush_unsure("slot moved");
         }
     }
 
@@ -600,7 +601,7 @@ impl Upstream {
         if changed {
             tracing::info!("topology changed");
             if let Some(l1) = &self.tracking {
-                l1.flush("topology changed");
+                l1.flush_unsure("topology changed");
             }
         }
     }

@@ -413,6 +413,19 @@ impl RedisCluster {
         node.stop();
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) every live node: the cluster stops answering
+    /// without losing any state, and comes back as it was.
+    pub fn signal_all(&self, sig: &str) {
+        for n in self.live_nodes() {
+            let status = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(n.server_pid.to_string())
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill -{sig} {}", n.server_pid);
+        }
+    }
+
     fn live_nodes(&self) -> impl Iterator<Item = &RedisServer> {
         self.nodes.iter().filter(|n| !n.stopped)
     }
