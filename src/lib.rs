@@ -16,7 +16,7 @@
 //!    write invalidates its keys there before its reply goes out.
 //! 4. [`upstream`] queues the original bytes on a pipelined connection to the node
 //!    (`start`), and later waits for the raw reply (`finish`), following MOVED/ASK.
-//!    [`upstream::topology`] keeps the slot map current through fred.
+//!    [`upstream::topology`] keeps the slot map current (`CLUSTER SLOTS`).
 //! 5. [`respond`] encodes local replies in the client's protocol; forwarded replies go
 //!    back as the upstream sent them, in request order, one write per batch.
 

@@ -5,7 +5,7 @@
 //! following MOVED/ASK/TRYAGAIN). Starting every command of a client's batch before
 //! finishing any is what makes pipelining work across the proxy.
 //!
-//! Control plane: [`topology`] discovers the cluster (through fred) and refreshes it
+//! Control plane: [`topology`] discovers the cluster (`CLUSTER SLOTS` on a control connection) and refreshes it
 //! periodically and whenever a redirect or a lost connection says it changed.
 
 pub mod conn;

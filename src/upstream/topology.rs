@@ -1,15 +1,15 @@
 //! Control plane: discovers whether the upstream is a cluster or one server, loads the
 //! command table from it, and keeps the slot map current.
 //!
-//! The slot map comes from fred's cached cluster state (`sync_cluster` +
-//! `cached_cluster_state`); fred owns reconnecting to the cluster for discovery. A refresh
-//! runs periodically and soon after any redirect or lost connection (coalesced).
+//! The slot map comes from `CLUSTER SLOTS`, asked on one control connection (the same
+//! pipelined connection type as the data path, so TLS and authentication are the data
+//! path's too), to the known masters first and then the seeds. A refresh runs
+//! periodically and soon after any redirect or lost connection (coalesced).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fred::prelude::{ClientLike, ClusterInterface};
-use fred::types::config::{ClusterDiscoveryPolicy, Config as FredConfig, ServerConfig};
+use redis_protocol::resp2::types::OwnedFrame as F;
 
 use super::conn::PipeConn;
 use super::{Mode, ServerFacts, Topology, Upstream, SLOTS};
@@ -26,7 +26,7 @@ const REFRESH_DEBOUNCE: Duration = Duration::from_millis(50);
 pub async fn run(up: Arc<Upstream>) {
     let mut state = State {
         mode: None,
-        fred: None,
+        ctl: None,
     };
     loop {
         match refresh(&up, &mut state).await {
@@ -50,7 +50,8 @@ pub async fn run(up: Arc<Upstream>) {
 
 struct State {
     mode: Option<Mode>,
-    fred: Option<fred::clients::Client>,
+    /// The control connection (cluster mode), with the address it reached.
+    ctl: Option<(String, PipeConn)>,
 }
 
 async fn refresh(up: &Arc<Upstream>, st: &mut State) -> Result<(), String> {
@@ -152,65 +153,142 @@ fn join_host_port(host: &str, port: u16) -> String {
     }
 }
 
-async fn refresh_cluster(up: &Arc<Upstream>, st: &mut State) -> Result<(), String> {
-    let s = &up.settings;
-    let deadline = s.connect_timeout + s.request_timeout;
-    if st.fred.is_none() {
-        // Known masters first: after a failover the seeds may be the dead ones.
-        let mut hosts: Vec<(String, u16)> = Vec::new();
-        if let Ok(t) = up.topology() {
-            hosts.extend(t.masters.iter().filter_map(|m| split_host_port(&m.addr)));
-        }
-        hosts.extend(up.seeds.iter().filter_map(|a| split_host_port(a)));
-        hosts.dedup();
-        let mut server = ServerConfig::new_clustered(hosts);
-        if let ServerConfig::Clustered { policy, .. } = &mut server {
-            *policy = ClusterDiscoveryPolicy::UseCache;
-        }
-        let config = FredConfig {
-            server,
-            username: s.handshake.username.clone(),
-            password: s.handshake.password.clone(),
-            fail_fast: true,
-            ..Default::default()
-        };
-        let client = fred::types::Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = s.connect_timeout;
-                c.internal_command_timeout = s.request_timeout;
-                c.max_command_attempts = 2;
-            })
-            .build()
-            .map_err(|e| format!("fred client: {e}"))?;
-        match tokio::time::timeout(deadline, client.init()).await {
-            Ok(Ok(_task)) => st.fred = Some(client),
-            Ok(Err(e)) => return Err(format!("cluster discovery: {e}")),
-            Err(_) => return Err("cluster discovery timed out".into()),
+/// Sends one command on the control connection and waits for its reply.
+async fn ask(up: &Upstream, conn: &PipeConn, args: &[&str]) -> Result<bytes::Bytes, String> {
+    let rx = conn
+        .send(command_bytes(args), 0)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(up.settings.request_timeout, rx).await {
+        Ok(Ok(Ok(r))) => Ok(r),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(_)) => Err("connection lost".to_string()),
+        Err(_) => {
+            conn.kill();
+            Err("timed out".to_string())
         }
     }
-    let Some(client) = st.fred.as_ref() else {
-        return Err("cluster discovery client missing".into());
+}
+
+/// One `CLUSTER SLOTS` row's master: (first slot, last slot, host, port).
+type SlotRange = (u16, u16, String, u16);
+
+/// Parses a RESP2 `CLUSTER SLOTS` reply. An empty host (or `?`, an unknown endpoint)
+/// means the node that answered, `asked`.
+pub fn parse_cluster_slots(reply: &[u8], asked: &str) -> Result<Vec<SlotRange>, String> {
+    if let Some(e) = crate::parse::reply::error_text(reply) {
+        return Err(e);
+    }
+    let (frame, _) = redis_protocol::resp2::decode::decode(reply)
+        .map_err(|e| format!("CLUSTER SLOTS reply: {e:?}"))?
+        .ok_or("CLUSTER SLOTS reply incomplete")?;
+    let F::Array(rows) = frame else {
+        return Err("CLUSTER SLOTS reply is not an array".into());
     };
-    let synced = tokio::time::timeout(deadline, client.sync_cluster()).await;
-    let state = match synced {
-        Ok(Ok(())) => client.cached_cluster_state(),
-        Ok(Err(e)) => {
-            drop_fred(st);
+    let asked_host = split_host_port(asked).map(|(h, _)| h).unwrap_or_default();
+    let int = |f: &F| match f {
+        F::Integer(i) => Some(*i),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let F::Array(items) = row else {
+            return Err("CLUSTER SLOTS row is not an array".into());
+        };
+        let (Some(start), Some(end), Some(F::Array(master))) = (
+            items.first().and_then(int),
+            items.get(1).and_then(int),
+            items.get(2),
+        ) else {
+            return Err("CLUSTER SLOTS row is malformed".into());
+        };
+        let host = match master.first() {
+            Some(F::BulkString(b)) | Some(F::SimpleString(b)) => {
+                String::from_utf8_lossy(b).into_owned()
+            }
+            _ => return Err("CLUSTER SLOTS master has no host".into()),
+        };
+        let host = if host.is_empty() || host == "?" {
+            asked_host.clone()
+        } else {
+            host
+        };
+        let port = master
+            .get(1)
+            .and_then(int)
+            .ok_or("CLUSTER SLOTS master has no port")?;
+        if !(0..SLOTS as i64).contains(&start)
+            || !(start..SLOTS as i64).contains(&end)
+            || !(1..=65535).contains(&port)
+        {
+            return Err(format!(
+                "CLUSTER SLOTS row out of range: {start}-{end} port {port}"
+            ));
+        }
+        out.push((start as u16, end as u16, host, port as u16));
+    }
+    Ok(out)
+}
+
+async fn refresh_cluster(up: &Arc<Upstream>, st: &mut State) -> Result<(), String> {
+    let s = &up.settings;
+    if st.ctl.as_ref().is_some_and(|(_, c)| c.is_closed()) {
+        st.ctl = None;
+    }
+    if st.ctl.is_none() {
+        // Known masters first: after a failover the seeds may be the dead ones.
+        let mut candidates: Vec<String> = Vec::new();
+        if let Ok(t) = up.topology() {
+            candidates.extend(t.masters.iter().map(|m| m.addr.to_string()));
+        }
+        for seed in up.seeds.iter() {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut errors = Vec::new();
+        for addr in candidates {
+            match PipeConn::connect(
+                &addr,
+                Proto::Resp2,
+                &s.handshake,
+                s.connect_timeout,
+                Default::default(),
+            )
+            .await
+            {
+                Ok(c) => {
+                    st.ctl = Some((addr, c));
+                    break;
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        if st.ctl.is_none() {
+            return Err(format!("no cluster node reachable ({})", errors.join("; ")));
+        }
+    }
+    let Some((asked, conn)) = st.ctl.as_ref() else {
+        return Err("cluster control connection missing".into());
+    };
+    let reply = match ask(up, conn, &["CLUSTER", "SLOTS"]).await {
+        Ok(r) => r,
+        Err(e) => {
+            st.ctl = None;
             return Err(format!("CLUSTER SLOTS: {e}"));
         }
-        Err(_) => {
-            drop_fred(st);
-            return Err("CLUSTER SLOTS timed out".into());
-        }
     };
-    let Some(routing) = state else {
-        drop_fred(st);
-        return Err("cluster state unavailable".into());
+    let ranges = match parse_cluster_slots(&reply, asked) {
+        Ok(r) => r,
+        Err(e) => {
+            // A node that is not serving (CLUSTERDOWN, LOADING): ask another next time.
+            st.ctl = None;
+            return Err(format!("CLUSTER SLOTS: {e}"));
+        }
     };
     let mut slots = vec![u16::MAX; SLOTS];
     let mut masters: Vec<Arc<super::Node>> = Vec::new();
-    for range in routing.slots() {
-        let addr = join_host_port(&range.primary.host, range.primary.port);
+    for (start, end, host, port) in ranges {
+        let addr = join_host_port(&host, port);
         let idx = match masters.iter().position(|m| *m.addr == *addr) {
             Some(i) => i,
             None => {
@@ -218,7 +296,7 @@ async fn refresh_cluster(up: &Arc<Upstream>, st: &mut State) -> Result<(), Strin
                 masters.len() - 1
             }
         };
-        for s in range.start..=range.end.min(SLOTS as u16 - 1) {
+        for s in start..=end {
             slots[s as usize] = idx as u16;
         }
     }
@@ -234,10 +312,30 @@ async fn refresh_cluster(up: &Arc<Upstream>, st: &mut State) -> Result<(), Strin
     Ok(())
 }
 
-fn drop_fred(st: &mut State) {
-    if let Some(client) = st.fred.take() {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.quit()).await;
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_slots_rows() {
+        let reply = b"*2\r\n*4\r\n:0\r\n:5460\r\n*3\r\n$9\r\n127.0.0.1\r\n:7001\r\n$2\r\nid\r\n*3\r\n$9\r\n127.0.0.1\r\n:7004\r\n$2\r\nir\r\n*3\r\n:5461\r\n:16383\r\n*3\r\n$0\r\n\r\n:7002\r\n$2\r\nid\r\n";
+        let rows = parse_cluster_slots(reply, "10.0.0.9:7002").unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (0, 5460, "127.0.0.1".to_string(), 7001),
+                (5461, 16383, "10.0.0.9".to_string(), 7002)
+            ]
+        );
+        assert!(
+            parse_cluster_slots(b"-CLUSTERDOWN The cluster is down\r\n", "a:1")
+                .unwrap_err()
+                .contains("CLUSTERDOWN")
+        );
+        assert!(parse_cluster_slots(
+            b"*1\r\n*3\r\n:0\r\n:16384\r\n*2\r\n$1\r\nh\r\n:1\r\n",
+            "a:1"
+        )
+        .is_err());
     }
 }
