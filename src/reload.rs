@@ -89,7 +89,10 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
                 live.log.level = new.log.level.clone();
                 out.applied.push("log.level");
             }
-            Some(Err(e)) => tracing::warn!(error = %e, "log.level not reloaded"),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "log.level not reloaded");
+                out.needs_restart.push("log.level");
+            }
             None => out.needs_restart.push("log.level"),
         }
     }

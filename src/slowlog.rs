@@ -68,8 +68,13 @@ impl SlowLog {
     }
 
     pub fn record(&self, micros: u64, args: &[Bytes], client_addr: String, client_name: String) {
+        let secret = secret_positions(args);
         let mut kept: Vec<Bytes> = Vec::with_capacity(args.len().min(MAX_ARGS));
         for (i, a) in args.iter().enumerate() {
+            if secret.contains(&i) {
+                kept.push(Bytes::from_static(b"(redacted)"));
+                continue;
+            }
             if i == MAX_ARGS - 1 && args.len() > MAX_ARGS {
                 kept.push(Bytes::from(format!(
                     "... ({} more arguments)",
@@ -77,6 +82,7 @@ impl SlowLog {
                 )));
                 break;
             }
+            // Copied: a slice would keep the client's whole input buffer alive.
             if a.len() > MAX_ARG_BYTES {
                 let mut b = a[..MAX_ARG_BYTES].to_vec();
                 b.extend_from_slice(
@@ -84,7 +90,7 @@ impl SlowLog {
                 );
                 kept.push(Bytes::from(b));
             } else {
-                kept.push(a.clone());
+                kept.push(Bytes::copy_from_slice(a));
             }
         }
         let entry = Entry {
@@ -119,6 +125,9 @@ impl SlowLog {
                 Value::ok()
             }
             "slowlog|get" => {
+                if a.len() > 3 {
+                    return Error::syntax().to_reply();
+                }
                 let count = match a.get(2) {
                     None => 10,
                     Some(c) => match std::str::from_utf8(c)
@@ -184,6 +193,33 @@ impl SlowLog {
     }
 }
 
+/// Arguments Redis 7 redacts in its slow log: passwords of AUTH, HELLO … AUTH and
+/// MIGRATE … AUTH/AUTH2, and ACL SETUSER rules.
+fn secret_positions(args: &[Bytes]) -> Vec<usize> {
+    let name = args
+        .first()
+        .map(|a| a.to_ascii_lowercase())
+        .unwrap_or_default();
+    let is = |i: usize, w: &str| {
+        args.get(i)
+            .is_some_and(|a| a.eq_ignore_ascii_case(w.as_bytes()))
+    };
+    match &name[..] {
+        b"auth" => (1..args.len()).collect(),
+        b"hello" => match (2..args.len()).find(|&i| is(i, "auth")) {
+            Some(i) => vec![i + 1, i + 2],
+            None => Vec::new(),
+        },
+        b"migrate" => match (6..args.len()).find(|&i| is(i, "auth") || is(i, "auth2")) {
+            Some(i) if is(i, "auth2") => vec![i + 1, i + 2],
+            Some(i) => vec![i + 1],
+            None => Vec::new(),
+        },
+        b"acl" if is(1, "setuser") => (3..args.len()).collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +256,27 @@ mod tests {
             max_len: 8,
         });
         log.record(1, &args(&["set", "k", &long]), "a".into(), "".into());
+        log.record(1, &args(&["auth", "app", "s3cret"]), "a".into(), "".into());
+        log.record(
+            1,
+            &args(&["hello", "3", "AUTH", "app", "s3cret", "SETNAME", "x"]),
+            "a".into(),
+            "".into(),
+        );
         let e = log.lock();
-        assert_eq!(e[0].args[2].len(), 128 + "... (72 more bytes)".len());
+        assert_eq!(e[2].args[2].len(), 128 + "... (72 more bytes)".len());
+        assert_eq!(e[1].args, args(&["auth", "(redacted)", "(redacted)"]));
+        assert_eq!(
+            e[0].args,
+            args(&[
+                "hello",
+                "3",
+                "AUTH",
+                "(redacted)",
+                "(redacted)",
+                "SETNAME",
+                "x"
+            ])
+        );
     }
 }

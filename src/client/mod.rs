@@ -111,7 +111,7 @@ struct Queued {
 }
 
 /// Counts a reply that was resolved: commandstats, the duration histogram, the slow log.
-fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session) {
+fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool) {
     crate::metrics::INFLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
     let error = match v {
         Value::Error(e) => Some(e.as_bytes()),
@@ -136,7 +136,9 @@ fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session) {
         };
         stat.record(level, micros, outcome);
     }
-    if let Some(raw) = &q.raw {
+    // As in Redis, time spent blocked (BLPOP, WAIT, …) and refused commands are not
+    // slow-log material.
+    if let (Some(raw), false, false) = (&q.raw, blocking, q.rejected) {
         if px.slowlog.is_slow(micros) {
             let args = crate::parse::request::args_of(raw);
             px.slowlog.record(
@@ -259,7 +261,10 @@ async fn conn_loop(
             // everything before it) before the next command is dispatched, so that no
             // later command of the pipeline overtakes it.
             let barrier = p.is_deferred();
-            let rejected = matches!(&p, Pending::Ready(v) if is_error_reply(v));
+            // Refused before reaching Redis: an immediate error from the proxy's own
+            // checks (arity, NOAUTH, CROSSSLOT, …), not from a command it answers itself.
+            let rejected =
+                sess.level != Level::Local && matches!(&p, Pending::Ready(v) if is_error_reply(v));
             pending.push(Queued {
                 p,
                 proto: sess.proto,
@@ -359,7 +364,13 @@ async fn drain(
     let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
     let limit = px.cfg.client.query_buffer_limit;
     let total = pending.len();
+    // A command's time starts when it was dispatched or when the reply before it was
+    // written, whichever is later: waiting behind its own pipeline is not its time.
+    let mut prev_done: Option<Instant> = None;
     for (i, mut q) in pending.drain(..).enumerate() {
+        if let Some(t) = prev_done {
+            q.started = q.started.max(t);
+        }
         let p = std::mem::replace(&mut q.p, Pending::Ready(Value::Null));
         let blocking = p.is_blocking();
         let resolve = p.resolve(px);
@@ -383,7 +394,8 @@ async fn drain(
             crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return false;
         };
-        account(px, &q, &v, sess);
+        account(px, &q, &v, sess, blocking);
+        prev_done = Some(Instant::now());
         // Messages that arrived before this reply go out before it.
         if let Some(o) = outbox {
             o.drain_into(out);

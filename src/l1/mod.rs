@@ -283,7 +283,12 @@ impl L1 {
             let fresh = build_cache(cfg.max_bytes, cfg.max_entries, self.stats.evictions.clone());
             // Fills in flight were admitted under the old cache: refuse them.
             self.epoch.fetch_add(1, Ordering::SeqCst);
-            *self.cache.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            let old = std::mem::replace(
+                &mut *self.cache.write().unwrap_or_else(|p| p.into_inner()),
+                fresh,
+            );
+            // Freed after the lock is released: dropping a large cache takes a while.
+            drop(old);
             self.max_bytes.store(cfg.max_bytes, Ordering::Relaxed);
             self.max_entries.store(cfg.max_entries, Ordering::Relaxed);
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);

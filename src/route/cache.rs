@@ -233,8 +233,16 @@ pub async fn read(
 /// The error for a read the upstream could not answer, or, with
 /// `l1.serve_stale_on_error` and the upstream unreachable, the last reply cached for it.
 fn or_stale(l1: &L1, key: &[u8], sig: &Bytes, e: crate::error::Error) -> Value {
-    use crate::error::Error;
-    if matches!(e, Error::Upstream { .. } | Error::NoTopology(_)) {
+    use crate::error::{Error, UpstreamError as U};
+    let unreachable = match &e {
+        Error::NoTopology(_) => true,
+        Error::Upstream { source, .. } => matches!(
+            source,
+            U::Connect(_) | U::ConnectTimeout(_) | U::ConnectionLost
+        ),
+        _ => false,
+    };
+    if unreachable {
         if let Some(reply) = l1.get_stale(key, |s| s == &sig[..]) {
             return Value::Raw(reply);
         }

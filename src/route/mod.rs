@@ -152,7 +152,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         // Boxed: the transaction path is rare, and keeps the common future small.
         match Box::pin(txn::intercept(px, sess, &lowered, req)).await {
             Ok(p) => {
-                if name != b"exec" {
+                if name != b"exec" && name != b"watch" {
                     sess.level = Level::Local;
                 }
                 return p;
