@@ -251,6 +251,30 @@ pub struct UpstreamConfig {
     pub pinned_max_per_node: usize,
     /// Released pinned connections kept open for reuse, per node and protocol.
     pub pinned_idle_per_node: usize,
+    /// TLS to every node; also on when any seed is `rediss://`.
+    pub tls: bool,
+    /// PEM file of the CA certificates to trust (default: the system's roots).
+    ///                                                     env REDIS_TLS_CA_FILE
+    pub tls_ca_file: String,
+    /// Verify every node's certificate against this name (and send it as SNI) instead of
+    /// the node's address: for nodes addressed by IP. Empty: the node's address.
+    pub tls_server_name: String,
+    /// ElastiCache IAM authentication.
+    pub iam: IamConfig,
+}
+
+/// ElastiCache IAM authentication: each connection authenticates as `user_id` with a
+/// SigV4 token from the standard AWS credential chain (ElastiCache requires TLS for it).
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct IamConfig {
+    pub enabled: bool,
+    /// The ElastiCache user id (IAM-enabled user).
+    pub user_id: String,
+    /// The replication group id, or the serverless cache's name (not a host name).
+    pub cache_name: String,
+    pub region: String,
+    pub serverless: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -324,6 +348,10 @@ impl Default for UpstreamConfig {
             max_redirects: DEFAULT_MAX_REDIRECTS,
             pinned_max_per_node: DEFAULT_PINNED_MAX_PER_NODE,
             pinned_idle_per_node: DEFAULT_PINNED_IDLE_PER_NODE,
+            tls: false,
+            tls_ca_file: String::new(),
+            tls_server_name: String::new(),
+            iam: IamConfig::default(),
         }
     }
 }
@@ -474,6 +502,9 @@ impl Config {
         if let Some(v) = get("REDIS_PASSWORD") {
             self.upstream.password = Some(v);
         }
+        if let Some(v) = get("REDIS_TLS_CA_FILE") {
+            self.upstream.tls_ca_file = v;
+        }
         if let Some(v) = get("REDIS_USERNAME") {
             self.upstream.username = Some(v);
         }
@@ -600,6 +631,29 @@ impl Config {
                 "must be greater than 0".into(),
             );
         }
+        if !u.tls_ca_file.is_empty() && !Path::new(&u.tls_ca_file).is_file() {
+            return bad(
+                "upstream.tls_ca_file",
+                format!("{:?} is not a readable file", u.tls_ca_file),
+            );
+        }
+        if u.iam.enabled {
+            for (key, v) in [
+                ("upstream.iam.user_id", &u.iam.user_id),
+                ("upstream.iam.cache_name", &u.iam.cache_name),
+                ("upstream.iam.region", &u.iam.region),
+            ] {
+                if v.is_empty() {
+                    return bad(key, "is required with upstream.iam.enabled".into());
+                }
+            }
+            if !self.upstream_tls() {
+                return bad(
+                    "upstream.iam.enabled",
+                    "ElastiCache accepts IAM authentication only over TLS: set upstream.tls = true or use rediss:// seeds".into(),
+                );
+            }
+        }
         let c = &self.client;
         if c.maxclients == 0 {
             return bad("client.maxclients", "must be greater than 0".into());
@@ -716,6 +770,11 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Whether upstream connections use TLS.
+    pub fn upstream_tls(&self) -> bool {
+        self.upstream.tls || self.seeds().iter().any(|s| s.tls)
     }
 
     pub fn seeds(&self) -> Vec<Seed> {

@@ -141,7 +141,7 @@ pub async fn run(
         true => Some(Arc::new(spill::Spill::new(&cfg.l3).await?)),
         false => None,
     };
-    let upstream = upstream::Upstream::new(&cfg, l1.clone());
+    let upstream = upstream::Upstream::new(&cfg, l1.clone()).map_err(StartError::Config)?;
     let px = Arc::new(Proxy {
         l1,
         spill,
@@ -226,7 +226,7 @@ pub async fn sweep(cfg: Config, dry_run: bool) -> Result<spill::sweep::Report, S
             "l3.enabled: the spill is not enabled".into(),
         ));
     }
-    let upstream = upstream::Upstream::new(&cfg, None);
+    let upstream = upstream::Upstream::new(&cfg, None).map_err(StartError::Config)?;
     let topo = tokio::spawn(upstream::topology::run(upstream.clone()));
     let deadline = Instant::now() + Duration::from_secs(30);
     while upstream.topology().is_err() {

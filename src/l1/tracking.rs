@@ -22,7 +22,7 @@ use super::L1;
 use crate::error::UpstreamError;
 use crate::parse::reply::frame_len;
 use crate::respond::{command_bytes, Proto};
-use crate::upstream::conn::{connect_tcp, handshake, read_one, Handshake};
+use crate::upstream::conn::{dial, handshake, read_one, Handshake, UpRead};
 
 pub struct Invalidator {
     pub id: i64,
@@ -52,7 +52,7 @@ pub async fn start(
     on_lost: impl Fn() + Send + Sync + 'static,
 ) -> Result<Invalidator, UpstreamError> {
     let ms = timeout.as_millis() as u64;
-    let (mut rd, mut wr) = connect_tcp(addr, timeout).await?;
+    let (mut rd, mut wr) = dial(addr, timeout, hs).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let hs = Handshake {
         client_name: Some("tierproxy-invalidations".into()),
@@ -107,7 +107,7 @@ pub async fn start(
     })
 }
 
-async fn listen(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut, l1: &L1) -> String {
+async fn listen(rd: &mut UpRead, buf: &mut BytesMut, l1: &L1) -> String {
     loop {
         loop {
             let n = match frame_len(buf) {

@@ -32,7 +32,7 @@ use crate::error::Error;
 use crate::parse::reply::{as_int, as_str, error_text, frame_len, split_aggregate};
 use crate::parse::request::Request;
 use crate::respond::{command_bytes, Proto, Value};
-use crate::upstream::conn::{connect_tcp, handshake};
+use crate::upstream::conn::{dial, handshake};
 use crate::upstream::{key_slot, Mode, Target, Upstream};
 use crate::{metrics, Proxy};
 
@@ -520,7 +520,7 @@ async fn run(
         let session = async {
             let node = up.resolve_target(&target).map_err(|e| e.to_string())?;
             let s = &up.settings;
-            let (mut rd, mut wr) = connect_tcp(&node.addr, s.connect_timeout)
+            let (mut rd, mut wr) = dial(&node.addr, s.connect_timeout, &s.handshake)
                 .await
                 .map_err(|e| e.to_string())?;
             let mut buf = BytesMut::with_capacity(16 * 1024);

@@ -16,6 +16,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use super::tls::{UpRead, UpWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
@@ -35,6 +37,10 @@ pub struct Handshake {
     pub username: Option<String>,
     pub password: Option<String>,
     pub client_name: Option<String>,
+    /// TLS to every node (`rediss://` seeds or `upstream.tls`).
+    pub tls: Option<Arc<super::tls::UpstreamTls>>,
+    /// ElastiCache IAM: the password is a fresh token for `iam.user_id`.
+    pub iam: Option<Arc<super::iam::IamAuth>>,
 }
 
 /// Called once when a connection closes, whatever closes it.
@@ -103,7 +109,7 @@ impl PipeConn {
         opts: ConnOpts,
     ) -> Result<PipeConn, UpstreamError> {
         let ms = timeout.as_millis() as u64;
-        let (mut rd, mut wr) = connect_tcp(addr, timeout).await?;
+        let (mut rd, mut wr) = dial(addr, timeout, hs).await?;
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
         let mut extra = Vec::new();
         if let Some(id) = opts.tracking_redirect {
@@ -182,36 +188,57 @@ impl Drop for PipeConn {
     }
 }
 
-/// A TCP connection to `addr` within `timeout`, Nagle off, split for reading and writing.
-pub(crate) async fn connect_tcp(
+/// A connection to `addr` within `timeout` (TCP, Nagle off, then TLS when configured),
+/// split for reading and writing.
+pub(crate) async fn dial(
     addr: &str,
     timeout: Duration,
-) -> Result<
-    (
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-    ),
-    UpstreamError,
-> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+    hs: &Handshake,
+) -> Result<(UpRead, UpWrite), UpstreamError> {
+    let ms = timeout.as_millis() as u64;
+    let connect = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        match &hs.tls {
+            Some(tls) => tls.wrap(addr, stream).await,
+            None => {
+                let (rd, wr) = stream.into_split();
+                Ok((Box::new(rd) as UpRead, Box::new(wr) as UpWrite))
+            }
+        }
+    };
+    tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| UpstreamError::ConnectTimeout(timeout.as_millis() as u64))?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
-    Ok(stream.into_split())
+        .map_err(|_| UpstreamError::ConnectTimeout(ms))?
 }
 
 /// Authenticates, selects the protocol and names the connection, then runs `extra`
 /// commands; every reply must be a success. Pipelined: one round trip.
 pub(crate) async fn handshake(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    rd: &mut UpRead,
+    wr: &mut UpWrite,
     buf: &mut BytesMut,
     proto: Proto,
     hs: &Handshake,
     extra: Vec<Bytes>,
 ) -> Result<(), UpstreamError> {
     let mut cmds: Vec<Bytes> = Vec::new();
+    // With IAM, the user is the IAM user and the password a token valid now.
+    let iam_hs;
+    let hs = match &hs.iam {
+        Some(iam) => {
+            let token = iam.token().await.map_err(UpstreamError::Handshake)?;
+            iam_hs = Handshake {
+                username: Some(iam.user_id.clone()),
+                password: Some(token),
+                ..hs.clone()
+            };
+            &iam_hs
+        }
+        None => hs,
+    };
     let user = hs.username.clone().unwrap_or_else(|| "default".into());
     match proto {
         Proto::Resp3 => {
@@ -274,7 +301,7 @@ pub async fn read_one(
 }
 
 async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut wr: UpWrite,
     mut rx: mpsc::UnboundedReceiver<Req>,
     queue: Arc<Mutex<VecDeque<Waiter>>>,
     _closed: CloseOnDrop,
@@ -310,7 +337,7 @@ async fn write_loop(
 }
 
 async fn read_loop(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rd: UpRead,
     mut buf: BytesMut,
     queue: Arc<Mutex<VecDeque<Waiter>>>,
     _closed: CloseOnDrop,

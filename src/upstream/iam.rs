@@ -260,6 +260,90 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
+/// IAM authentication for upstream connections: a token per connection handshake, from
+/// the standard AWS credential chain (environment, profile, web identity, ECS/EC2
+/// metadata), cached and regenerated every [`REFRESH_AFTER`] so each one sent is valid.
+pub struct IamAuth {
+    pub user_id: String,
+    cache_name: String,
+    region: String,
+    serverless: bool,
+    provider:
+        tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>,
+    cached: std::sync::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl std::fmt::Debug for IamAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IamAuth")
+            .field("user_id", &self.user_id)
+            .field("cache_name", &self.cache_name)
+            .field("region", &self.region)
+            .field("serverless", &self.serverless)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IamAuth {
+    pub fn new(user_id: &str, cache_name: &str, region: &str, serverless: bool) -> IamAuth {
+        IamAuth {
+            user_id: user_id.into(),
+            cache_name: cache_name.into(),
+            region: region.into(),
+            serverless,
+            provider: tokio::sync::OnceCell::new(),
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A token valid now (cached for [`REFRESH_AFTER`]).
+    pub async fn token(&self) -> Result<String, String> {
+        if let Some((t, at)) = self
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            if at.elapsed() < REFRESH_AFTER {
+                return Ok(t.clone());
+            }
+        }
+        use aws_sdk_s3::config::ProvideCredentials;
+        let region = self.region.clone();
+        let chain = self
+            .provider
+            .get_or_init(|| async move {
+                aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                    .region(aws_sdk_s3::config::Region::new(region))
+                    .build()
+                    .await
+            })
+            .await;
+        let c = chain
+            .provide_credentials()
+            .await
+            .map_err(|e| format!("IAM auth: no AWS credentials: {e}"))?;
+        let creds = Credentials {
+            access_key_id: c.access_key_id().to_string(),
+            secret_access_key: c.secret_access_key().to_string(),
+            session_token: c.session_token().map(str::to_string),
+        };
+        let t = token(
+            &TokenRequest {
+                cache_name: &self.cache_name,
+                user_id: &self.user_id,
+                region: &self.region,
+                serverless: self.serverless,
+            },
+            &creds,
+            SystemTime::now(),
+        );
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((t.clone(), std::time::Instant::now()));
+        Ok(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

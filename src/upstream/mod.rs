@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod iam;
 pub mod pinned;
+pub mod tls;
 pub mod topology;
 
 use std::collections::HashMap;
@@ -61,10 +62,25 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(cfg: &Config) -> Settings {
+    pub fn from_config(cfg: &Config) -> Result<Settings, String> {
         let seed_creds = cfg.seeds().into_iter().find(|s| s.password.is_some());
         let u = &cfg.upstream;
-        Settings {
+        let tls = match cfg.upstream_tls() {
+            true => Some(Arc::new(tls::UpstreamTls::new(
+                Some(u.tls_ca_file.as_str()).filter(|f| !f.is_empty()),
+                Some(u.tls_server_name.clone()).filter(|n| !n.is_empty()),
+            )?)),
+            false => None,
+        };
+        let iam = u.iam.enabled.then(|| {
+            Arc::new(iam::IamAuth::new(
+                &u.iam.user_id,
+                &u.iam.cache_name,
+                &u.iam.region,
+                u.iam.serverless,
+            ))
+        });
+        Ok(Settings {
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
             request_timeout: Duration::from_millis(u.request_timeout_ms),
             conns_per_node: u.connections_per_node,
@@ -82,8 +98,10 @@ impl Settings {
                     .clone()
                     .or_else(|| seed_creds.as_ref().and_then(|s| s.password.clone())),
                 client_name: Some("tierproxy".into()),
+                tls,
+                iam,
             },
-        }
+        })
     }
 }
 
@@ -311,10 +329,10 @@ pub struct Ticket {
 }
 
 impl Upstream {
-    pub fn new(cfg: &Config, l1: Option<Arc<L1>>) -> Arc<Upstream> {
-        Arc::new(Upstream {
+    pub fn new(cfg: &Config, l1: Option<Arc<L1>>) -> Result<Arc<Upstream>, String> {
+        Ok(Arc::new(Upstream {
             tracking: l1.filter(|l| l.coherence == Coherence::Tracking),
-            settings: Settings::from_config(cfg),
+            settings: Settings::from_config(cfg)?,
             seeds: cfg.seeds().iter().map(|s| s.addr()).collect(),
             topo: RwLock::new(None),
             nodes: Mutex::new(HashMap::new()),
@@ -324,7 +342,7 @@ impl Upstream {
             refresh: Notify::new(),
             refreshes: AtomicU64::new(0),
             rr: AtomicUsize::new(0),
-        })
+        }))
     }
 
     pub fn topology(&self) -> Result<Arc<Topology>, Error> {
