@@ -486,6 +486,9 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // An L3 miss: a stub whose object the store does not have.
+        let l3_misses = failures.get(&("get", "not_found")).copied().unwrap_or(0);
+        counter!(CACHE_MISSES, "level" => "l3").absolute(l3_misses);
         for ((op, kind), n) in failures {
             counter!(SPILL_STORE_FAILURES, "op" => op, "kind" => kind).absolute(n);
         }
