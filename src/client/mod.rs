@@ -365,7 +365,7 @@ async fn drain(
     let limit = px.cfg.client.query_buffer_limit;
     let total = pending.len();
     // A command's time starts when it was dispatched or when the reply before it was
-    // written, whichever is later: waiting behind its own pipeline is not its time.
+    // resolved, whichever is later: waiting behind its own pipeline is not its time.
     let mut prev_done: Option<Instant> = None;
     for (i, mut q) in pending.drain(..).enumerate() {
         if let Some(t) = prev_done {
