@@ -63,17 +63,19 @@ pub async fn on_sighup(px: Arc<Proxy>, load: Loader) {
     }
 }
 
-/// The L1 settings a reload applies (the rest need a restart).
-fn l1_live(c: &L1Config) -> (u64, u64, u64, u64, u64, u32, u64) {
-    (
-        c.max_bytes,
-        c.max_entries,
-        c.max_value_bytes,
-        c.default_ttl_ms,
-        c.max_ttl_ms,
-        c.admit_after_reads,
-        c.admit_window_ms,
-    )
+/// `base` with the L1 settings a reload applies taken from `from` (the rest of L1's
+/// settings need a restart).
+fn with_live_l1(base: &L1Config, from: &L1Config) -> L1Config {
+    L1Config {
+        max_bytes: from.max_bytes,
+        max_entries: from.max_entries,
+        max_value_bytes: from.max_value_bytes,
+        default_ttl_ms: from.default_ttl_ms,
+        max_ttl_ms: from.max_ttl_ms,
+        admit_after_reads: from.admit_after_reads,
+        admit_window_ms: from.admit_window_ms,
+        ..base.clone()
+    }
 }
 
 /// Applies `new` over the running config; returns what changed.
@@ -100,19 +102,12 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
         out.needs_restart.push("log.format");
     }
 
-    if l1_live(&old.l1) != l1_live(&new.l1) {
+    let reloaded = with_live_l1(&old.l1, &new.l1);
+    if reloaded != old.l1 {
         match &px.l1 {
             Some(l1) => {
                 let resized = l1.reconfigure(&new.l1);
-                let n = &new.l1;
-                let l = &mut live.l1;
-                l.max_bytes = n.max_bytes;
-                l.max_entries = n.max_entries;
-                l.max_value_bytes = n.max_value_bytes;
-                l.default_ttl_ms = n.default_ttl_ms;
-                l.max_ttl_ms = n.max_ttl_ms;
-                l.admit_after_reads = n.admit_after_reads;
-                l.admit_window_ms = n.admit_window_ms;
+                live.l1 = reloaded;
                 out.applied.push(if resized {
                     "l1 (sizes: cache emptied, TTLs, admission)"
                 } else {
@@ -122,15 +117,7 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
             None => out.needs_restart.push("l1 (disabled at start)"),
         }
     }
-    let mut l1_rest = new.l1.clone();
-    l1_rest.max_bytes = old.l1.max_bytes;
-    l1_rest.max_entries = old.l1.max_entries;
-    l1_rest.max_value_bytes = old.l1.max_value_bytes;
-    l1_rest.default_ttl_ms = old.l1.default_ttl_ms;
-    l1_rest.max_ttl_ms = old.l1.max_ttl_ms;
-    l1_rest.admit_after_reads = old.l1.admit_after_reads;
-    l1_rest.admit_window_ms = old.l1.admit_window_ms;
-    if l1_rest != old.l1 {
+    if with_live_l1(&new.l1, &old.l1) != old.l1 {
         out.needs_restart
             .push("l1 (enabled, coherence, invalidation_channel, serve_stale_on_error)");
     }
