@@ -2,4 +2,6 @@
 
 pub mod reply;
 pub mod request;
+#[cfg(test)]
+mod roundtrip;
 pub mod table;

@@ -59,27 +59,88 @@ enum Frame {
     Empty,
 }
 
+/// A multibulk cut short by the end of the buffer, kept between reads so that each byte of
+/// a large request is scanned once (as Redis keeps `multibulklen`/`bulklen` per client).
+/// It always describes the request at the front of the buffer, with offsets from there.
+#[derive(Debug, Default)]
+pub struct Partial {
+    count: usize,
+    /// Where the next argument's `$len` line starts.
+    pos: usize,
+    /// The arguments parsed so far.
+    ranges: Vec<(usize, usize)>,
+}
+
+/// Per-connection parser state: the partial request, if any.
+#[derive(Debug, Default)]
+pub struct ParseState {
+    partial: Option<Partial>,
+}
+
+impl ParseState {
+    #[cfg(test)]
+    pub(crate) fn is_partial(&self) -> bool {
+        self.partial.is_some()
+    }
+}
+
 /// Cuts as many complete requests as possible (at most `max`) off the front of `buf`.
 /// On a protocol error the requests before it are still returned, with the error; the
-/// caller answers them, then the error, then closes the connection.
+/// caller answers them, then the error, then closes the connection. `state` carries a
+/// partial request from one call to the next: `buf` may only grow at its end in between.
 pub fn parse_batch(
     buf: &mut BytesMut,
     limits: Limits,
     max: usize,
     out: &mut Vec<Request>,
+    state: &mut ParseState,
 ) -> Result<(), ProtocolError> {
     let mut frames = Vec::new();
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     let mut pos = 0usize;
     let mut result = Ok(());
-    while frames.len() < max && pos < buf.len() {
+    if let Some(p) = state.partial.take() {
+        if max == 0 {
+            state.partial = Some(p);
+            return Ok(());
+        }
+        ranges = p.ranges;
+        match parse_args(buf, limits, 0, &mut ranges, 0, p.count, p.pos) {
+            Ok(Step::Done(frame, used)) => {
+                frames.push(frame);
+                pos = used;
+            }
+            Ok(Step::Partial(at)) => {
+                state.partial = Some(Partial {
+                    count: p.count,
+                    pos: at,
+                    ranges,
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    while frames.len() < max && pos < buf.len() && !(limits.unauthenticated && pos > 0) {
         let mark = ranges.len();
         match parse_one(&buf[pos..], limits, pos, &mut ranges) {
-            Ok(Some((frame, used))) => {
+            Ok(Step::Done(frame, used)) => {
                 frames.push(frame);
                 pos += used;
             }
-            Ok(None) => {
+            Ok(Step::Partial(at)) => {
+                // Keep what was parsed of a multibulk, relative to its own start (the
+                // front of the buffer once the complete requests are cut off).
+                if let Some((count, at)) = at {
+                    state.partial = Some(Partial {
+                        count,
+                        pos: at,
+                        ranges: ranges[mark..]
+                            .iter()
+                            .map(|&(s, e)| (s - pos, e - pos))
+                            .collect(),
+                    });
+                }
                 ranges.truncate(mark);
                 break;
             }
@@ -89,10 +150,8 @@ pub fn parse_batch(
             }
         }
         // Only the first request of a batch may be affected by a change of auth state;
-        // the caller re-parses after AUTH anyway because it processes in order.
-        if limits.unauthenticated {
-            break;
-        }
+        // the caller re-parses after AUTH anyway because it processes in order (the loop
+        // condition stops after one request while unauthenticated).
     }
     if pos > 0 {
         let batch = buf.split_to(pos).freeze();
@@ -128,7 +187,7 @@ pub fn args_of(raw: &Bytes) -> Vec<Bytes> {
     let mut ranges = Vec::new();
     match raw.first() {
         Some(b'*') => match parse_one(raw, limits, 0, &mut ranges) {
-            Ok(Some(_)) => ranges.iter().map(|&(s, e)| raw.slice(s..e)).collect(),
+            Ok(Step::Done(..)) => ranges.iter().map(|&(s, e)| raw.slice(s..e)).collect(),
             _ => Vec::new(),
         },
         _ => Vec::new(),
@@ -169,26 +228,38 @@ fn parse_ll(s: &[u8]) -> Option<i64> {
     Some(v)
 }
 
+/// What parsing the request at the front of a buffer came to.
+enum Step<P> {
+    /// A complete request, and the bytes it used.
+    Done(Frame, usize),
+    /// More bytes are needed; `P` says how far a multibulk got.
+    Partial(P),
+}
+
 /// Parses one request at the start of `buf` (which starts at `base` in the batch),
-/// appending its argument ranges, relative to the batch, to `ranges`.
+/// appending its argument ranges, relative to the batch, to `ranges`. A multibulk cut
+/// short reports its argument count and where its next argument starts.
 fn parse_one(
     buf: &[u8],
     limits: Limits,
     base: usize,
     ranges: &mut Vec<(usize, usize)>,
-) -> Result<Option<(Frame, usize)>, ProtocolError> {
+) -> Result<Step<Option<(usize, usize)>>, ProtocolError> {
     if buf[0] != b'*' {
-        return parse_inline(buf);
+        return Ok(match parse_inline(buf)? {
+            Some((frame, used)) => Step::Done(frame, used),
+            None => Step::Partial(None),
+        });
     }
     let cr = match find_cr(buf) {
         Some(cr) => cr,
         None if buf.len() > PROTO_INLINE_MAX_SIZE => {
             return Err(ProtocolError("too big mbulk count string".into()))
         }
-        None => return Ok(None),
+        None => return Ok(Step::Partial(None)),
     };
     if cr + 2 > buf.len() {
-        return Ok(None);
+        return Ok(Step::Partial(None));
     }
     let count = match parse_ll(&buf[1..cr]) {
         Some(n) if n <= i32::MAX as i64 => n,
@@ -197,14 +268,35 @@ fn parse_one(
     if limits.unauthenticated && count > UNAUTH_MAX_MULTIBULK {
         return Err(ProtocolError("unauthenticated multibulk length".into()));
     }
-    let mut pos = cr + 2;
+    let pos = cr + 2;
     if count <= 0 {
-        return Ok(Some((Frame::Empty, pos)));
+        return Ok(Step::Done(Frame::Empty, pos));
     }
+    let count = count as usize;
     let first = ranges.len();
-    for _ in 0..count {
+    Ok(
+        match parse_args(buf, limits, base, ranges, first, count, pos)? {
+            Step::Done(frame, used) => Step::Done(frame, used),
+            Step::Partial(at) => Step::Partial(Some((count, at))),
+        },
+    )
+}
+
+/// Parses the `$len` arguments of a multibulk of `count` whose first `ranges.len() -
+/// first` arguments are already parsed, from `pos` in `buf` (the request's own bytes,
+/// which start at `base` in the batch). Stops at the first incomplete argument.
+fn parse_args(
+    buf: &[u8],
+    limits: Limits,
+    base: usize,
+    ranges: &mut Vec<(usize, usize)>,
+    first: usize,
+    count: usize,
+    mut pos: usize,
+) -> Result<Step<usize>, ProtocolError> {
+    while ranges.len() - first < count {
         if pos >= buf.len() {
-            return Ok(None);
+            return Ok(Step::Partial(pos));
         }
         let rest = &buf[pos..];
         let cr = match find_cr(rest) {
@@ -212,10 +304,10 @@ fn parse_one(
             None if rest.len() > PROTO_INLINE_MAX_SIZE => {
                 return Err(ProtocolError("too big bulk count string".into()))
             }
-            None => return Ok(None),
+            None => return Ok(Step::Partial(pos)),
         };
         if cr + 2 > rest.len() {
-            return Ok(None);
+            return Ok(Step::Partial(pos));
         }
         if rest[0] != b'$' {
             return Err(ProtocolError(format!(
@@ -233,29 +325,32 @@ fn parse_one(
         let start = pos + cr + 2;
         let end = start + len as usize;
         if end + 2 > buf.len() {
-            return Ok(None);
+            // The `$len` line is read again next time: a few bytes, not the argument.
+            return Ok(Step::Partial(pos));
         }
         ranges.push((base + start, base + end));
         pos = end + 2;
     }
-    Ok(Some((
+    Ok(Step::Done(
         Frame::Multi {
             first,
-            nargs: count as usize,
+            nargs: count,
             start: base,
             end: base + pos,
         },
         pos,
-    )))
+    ))
 }
 
 fn parse_inline(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
-    let nl = match buf.iter().position(|&b| b == b'\n') {
-        Some(nl) => nl,
-        None if buf.len() > PROTO_INLINE_MAX_SIZE => {
+    // Redis finds the line's end with strchr(), which stops at a NUL: a NUL before the
+    // newline leaves the request incomplete until the 64 KiB inline limit ends it.
+    let nl = match buf.iter().position(|&b| b == b'\n' || b == 0) {
+        Some(nl) if buf[nl] == b'\n' => nl,
+        _ if buf.len() > PROTO_INLINE_MAX_SIZE => {
             return Err(ProtocolError("too big inline request".into()))
         }
-        None => return Ok(None),
+        _ => return Ok(None),
     };
     let mut line = &buf[..nl];
     if line.last() == Some(&b'\r') {
@@ -276,15 +371,26 @@ fn hex_val(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
+/// C's `isspace` in the "C" locale (Rust's `is_ascii_whitespace` lacks `\v`).
+fn is_c_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\x0b' | b'\x0c' | b'\r')
+}
+
 /// Redis's `sdssplitargs`: whitespace-separated words, "double quotes" with C escapes
 /// (`\n \r \t \b \a \xHH`), 'single quotes' with `\'` only. A closing quote must be
-/// followed by whitespace or the end. `None` for unbalanced quotes.
+/// followed by whitespace or the end. `None` for unbalanced quotes. Redis splits a C
+/// string, so a NUL byte ends the line: what follows it is ignored (and an open quote
+/// is then unbalanced).
 pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let line = match line.iter().position(|&b| b == 0) {
+        Some(nul) => &line[..nul],
+        None => line,
+    };
     let mut args = Vec::new();
     let mut i = 0;
     let n = line.len();
     loop {
-        while i < n && line[i].is_ascii_whitespace() {
+        while i < n && is_c_space(line[i]) {
             i += 1;
         }
         if i >= n {
@@ -319,7 +425,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                         other => other,
                     });
                 } else if c == b'"' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_c_space(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -336,7 +442,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     i += 1;
                     cur.push(b'\'');
                 } else if c == b'\'' {
-                    if i + 1 < n && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < n && !is_c_space(line[i + 1]) {
                         return None;
                     }
                     i += 1;
@@ -375,7 +481,13 @@ mod tests {
     fn parse(input: &[u8]) -> (Vec<Vec<Vec<u8>>>, Result<(), ProtocolError>, usize) {
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
-        let r = parse_batch(&mut buf, L, usize::MAX, &mut out);
+        let r = parse_batch(
+            &mut buf,
+            L,
+            usize::MAX,
+            &mut out,
+            &mut ParseState::default(),
+        );
         let reqs = out
             .iter()
             .map(|r| r.args.iter().map(|a| a.to_vec()).collect())
@@ -397,9 +509,23 @@ mod tests {
     fn raw_is_the_original_frame() {
         let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n"[..]);
         let mut out = Vec::new();
-        parse_batch(&mut buf, L, 100, &mut out).unwrap();
+        parse_batch(&mut buf, L, 100, &mut out, &mut ParseState::default()).unwrap();
         assert_eq!(&out[0].raw[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
         assert_eq!(&out[1].raw[..], b"*1\r\n$4\r\nPING\r\n");
+    }
+
+    #[test]
+    fn a_nul_ends_an_inline_line_as_in_redis() {
+        assert_eq!(
+            split_args(b"ECHO a\0b c"),
+            Some(vec![b"ECHO".to_vec(), b"a".to_vec()])
+        );
+        assert_eq!(split_args(b"ECHO \"a\0b\""), None);
+        assert_eq!(split_args(b"\0"), Some(vec![]));
+        assert_eq!(
+            split_args(b"\x0bECHO\x0ba"),
+            Some(vec![b"ECHO\x0ba".to_vec()])
+        );
     }
 
     #[test]
@@ -451,7 +577,7 @@ mod tests {
             proto_max_bulk_len: 10,
             unauthenticated: false,
         };
-        let r = parse_batch(&mut buf, lim, 100, &mut out);
+        let r = parse_batch(&mut buf, lim, 100, &mut out, &mut ParseState::default());
         assert_eq!(r.unwrap_err().0, "invalid bulk length");
     }
 
