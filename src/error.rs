@@ -10,6 +10,10 @@ pub enum Error {
     /// A reply Redis itself would give, carried verbatim (without the leading `-`).
     #[error("{0}")]
     Redis(String),
+    /// The same, for the few replies that quote client bytes which are not UTF-8 (an
+    /// unknown command's name): Redis echoes them unchanged, and so do we.
+    #[error("{}", String::from_utf8_lossy(.0))]
+    RedisBytes(Vec<u8>),
     #[error("upstream {addr}: {source}")]
     Upstream {
         addr: String,
@@ -20,6 +24,12 @@ pub enum Error {
     NoTopology(String),
     #[error("{0}")]
     Proxy(String),
+}
+
+/// What C's `%.Ns` prints of `b`: up to `max` bytes, stopping at a NUL.
+fn c_str(b: &[u8], max: usize) -> &[u8] {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    &b[..end.min(max)]
 }
 
 /// Why an upstream request failed. Cloneable because one failure may fail many requests.
@@ -69,44 +79,68 @@ impl Error {
         Error::redis("NOAUTH Authentication required.")
     }
 
+    /// Redis 7's ACL refusal, quoting the command's full name (`config|set`).
+    pub fn noperm(command: &str) -> Error {
+        Error::redis(format!(
+            "NOPERM this user has no permissions to run the '{command}' command"
+        ))
+    }
+
     pub fn wrongpass() -> Error {
         Error::redis("WRONGPASS invalid username-password pair or user is disabled.")
     }
 
-    /// Redis's reply to an unknown command, including its 128-byte truncation rules.
+    /// Redis's reply to an unknown command, byte for byte: it formats the name and the
+    /// first arguments with C's `%.128s` / `%.*s` (at most 128 bytes, ending at a NUL).
     pub fn unknown_command(name: &[u8], args: &[bytes::Bytes]) -> Error {
-        let mut list = String::new();
+        let mut list = Vec::new();
         for a in args {
             if list.len() >= 128 {
                 break;
             }
             let room = 128 - list.len();
-            let s = String::from_utf8_lossy(a);
-            let s: String = s.chars().take(room).collect();
-            list.push('\'');
-            list.push_str(&s);
-            list.push_str("' ");
+            list.push(b'\'');
+            list.extend_from_slice(c_str(a, room));
+            list.extend_from_slice(b"' ");
         }
-        let name = String::from_utf8_lossy(name);
-        let name: String = name.chars().take(128).collect();
-        Error::Redis(format!(
-            "ERR unknown command '{name}', with args beginning with: {list}"
-        ))
+        let mut msg = b"ERR unknown command '".to_vec();
+        msg.extend_from_slice(c_str(name, 128));
+        msg.extend_from_slice(b"', with args beginning with: ");
+        msg.extend_from_slice(&list);
+        Error::from_bytes(msg)
     }
 
     pub fn unknown_subcommand(sub: &[u8], container: &str) -> Error {
-        let sub = String::from_utf8_lossy(sub);
-        let sub: String = sub.chars().take(128).collect();
-        Error::Redis(format!(
-            "ERR unknown subcommand '{sub}'. Try {} HELP.",
-            container.to_ascii_uppercase()
-        ))
+        let mut msg = b"ERR unknown subcommand '".to_vec();
+        msg.extend_from_slice(c_str(sub, 128));
+        msg.extend_from_slice(
+            format!("'. Try {} HELP.", container.to_ascii_uppercase()).as_bytes(),
+        );
+        Error::from_bytes(msg)
+    }
+
+    fn from_bytes(msg: Vec<u8>) -> Error {
+        match String::from_utf8(msg) {
+            Ok(s) => Error::Redis(s),
+            Err(e) => Error::RedisBytes(e.into_bytes()),
+        }
     }
 
     /// The only function that turns an error into a RESP error reply.
     pub fn to_reply(&self) -> Value {
         match self {
             Error::Redis(msg) => Value::Error(msg.clone()),
+            Error::RedisBytes(msg) => {
+                // As Value::Error does: no line ending inside an error line.
+                let mut raw = Vec::with_capacity(msg.len() + 3);
+                raw.push(b'-');
+                raw.extend(msg.iter().map(|&b| match b {
+                    b'\r' | b'\n' => b' ',
+                    b => b,
+                }));
+                raw.extend_from_slice(b"\r\n");
+                Value::Raw(raw.into())
+            }
             other => Value::Error(format!("ERR tierproxy: {other}")),
         }
     }

@@ -16,7 +16,25 @@ pub struct Auth {
 
 struct Users {
     default_hash: Option<[u8; 32]>,
-    users: HashMap<String, [u8; 32]>,
+    /// Name → (password hash, read-only).
+    users: HashMap<String, ([u8; 32], bool)>,
+}
+
+/// Who a connection authenticated as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    /// Write commands are refused with NOPERM.
+    pub readonly: bool,
+}
+
+impl Principal {
+    fn default_user() -> Principal {
+        Principal {
+            name: "default".into(),
+            readonly: false,
+        }
+    }
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -56,8 +74,8 @@ impl Auth {
         self.users().required()
     }
 
-    /// Checks `AUTH [user] pass`; returns the authenticated user name.
-    pub fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
+    /// Checks `AUTH [user] pass`; returns who authenticated.
+    pub fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<Principal, Error> {
         self.users().check(user, pass)
     }
 }
@@ -74,7 +92,7 @@ impl Users {
                 .users
                 .iter()
                 // validate() checked the hex; a bad entry can never match.
-                .filter_map(|u| Some((u.name.clone(), from_hex(&u.password_sha256)?)))
+                .filter_map(|u| Some((u.name.clone(), (from_hex(&u.password_sha256)?, u.readonly))))
                 .collect(),
         }
     }
@@ -83,7 +101,7 @@ impl Users {
         self.default_hash.is_some() || !self.users.is_empty()
     }
 
-    fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<String, Error> {
+    fn check(&self, user: Option<&[u8]>, pass: &[u8]) -> Result<Principal, Error> {
         let given = sha256(pass);
         match user {
             None | Some(b"default") => {
@@ -93,16 +111,19 @@ impl Users {
                     ));
                 }
                 match &self.default_hash {
-                    Some(h) if ct_eq(h, &given) => Ok("default".into()),
+                    Some(h) if ct_eq(h, &given) => Ok(Principal::default_user()),
                     // Redis's default user is "nopass" when no password is set.
-                    None if !self.required() => Ok("default".into()),
+                    None if !self.required() => Ok(Principal::default_user()),
                     _ => Err(Error::wrongpass()),
                 }
             }
             Some(name) => {
                 let name = String::from_utf8_lossy(name);
                 match self.users.get(name.as_ref()) {
-                    Some(h) if ct_eq(h, &given) => Ok(name.into_owned()),
+                    Some((h, readonly)) if ct_eq(h, &given) => Ok(Principal {
+                        name: name.into_owned(),
+                        readonly: *readonly,
+                    }),
                     _ => Err(Error::wrongpass()),
                 }
             }
@@ -120,14 +141,25 @@ mod tests {
         let hash: String = sha256(b"pw2").iter().map(|b| format!("{b:02x}")).collect();
         let a = Auth::new(&AuthConfig {
             password: Some("pw".into()),
-            users: vec![UserConfig {
-                name: "app".into(),
-                password_sha256: hash,
-            }],
+            users: vec![
+                UserConfig {
+                    name: "app".into(),
+                    password_sha256: hash.clone(),
+                    readonly: false,
+                },
+                UserConfig {
+                    name: "reader".into(),
+                    password_sha256: hash,
+                    readonly: true,
+                },
+            ],
         });
         assert!(a.required());
-        assert_eq!(a.check(None, b"pw").unwrap(), "default");
-        assert_eq!(a.check(Some(b"app"), b"pw2").unwrap(), "app");
+        assert_eq!(a.check(None, b"pw").unwrap(), Principal::default_user());
+        let app = a.check(Some(b"app"), b"pw2").unwrap();
+        assert_eq!((app.name.as_str(), app.readonly), ("app", false));
+        let reader = a.check(Some(b"reader"), b"pw2").unwrap();
+        assert_eq!((reader.name.as_str(), reader.readonly), ("reader", true));
         assert!(a.check(Some(b"app"), b"pw").is_err());
         assert!(a.check(None, b"nope").is_err());
         let open = Auth::new(&AuthConfig::default());

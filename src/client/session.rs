@@ -119,6 +119,8 @@ pub struct Session {
     pub proto: Proto,
     pub authenticated: bool,
     pub user: String,
+    /// The user is read-only: write commands get NOPERM.
+    pub readonly: bool,
     pub name: Option<String>,
     pub reply_mode: ReplyMode,
     /// Set by QUIT: reply, then close.
@@ -142,6 +144,7 @@ impl Session {
             proto: Proto::Resp2,
             authenticated: !auth_required,
             user: "default".into(),
+            readonly: false,
             name: None,
             reply_mode: ReplyMode::On,
             closing: false,

@@ -69,15 +69,9 @@ impl Value {
     pub fn encode(&self, proto: Proto, out: &mut BytesMut) {
         match self {
             Value::Simple(s) => line(out, b'+', s.as_bytes()),
-            Value::SimpleOwned(s) => line(out, b'+', s.as_bytes()),
-            Value::Error(e) => {
-                // Redis never puts a newline inside an error line; neither do we.
-                let clean: Vec<u8> = e
-                    .bytes()
-                    .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })
-                    .collect();
-                line(out, b'-', &clean)
-            }
+            // Redis never puts a newline inside a status or error line; neither do we.
+            Value::SimpleOwned(s) => line(out, b'+', &one_line(s)),
+            Value::Error(e) => line(out, b'-', &one_line(e)),
             Value::Int(i) => int_line(out, b':', *i),
             Value::Bulk(b) => bulk(out, b'$', b),
             Value::Verbatim(b) => match proto {
@@ -133,6 +127,12 @@ impl Value {
         self.encode(proto, &mut out);
         out.freeze()
     }
+}
+
+fn one_line(s: &str) -> Vec<u8> {
+    s.bytes()
+        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+        .collect()
 }
 
 fn line(out: &mut BytesMut, tag: u8, s: &[u8]) {

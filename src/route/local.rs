@@ -128,6 +128,7 @@ pub fn handle_early(
             sess.reply_mode = ReplyMode::On;
             sess.authenticated = !px.auth.required();
             sess.user = "default".into();
+            sess.readonly = false;
             sess.update_meta(|m| {
                 m.name.clear();
                 m.resp = 2;
@@ -186,10 +187,11 @@ fn auth(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
         (None, &a[1][..])
     };
     match px.auth.check(user, pass) {
-        Ok(u) => {
+        Ok(p) => {
             sess.authenticated = true;
-            sess.user = u.clone();
-            sess.update_meta(|m| m.user = u);
+            sess.readonly = p.readonly;
+            sess.user = p.name.clone();
+            sess.update_meta(|m| m.user = p.name);
             Value::ok()
         }
         Err(e) => {
@@ -239,10 +241,11 @@ fn hello(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
     }
     if let Some((u, p)) = creds {
         match px.auth.check(Some(&u), &p) {
-            Ok(user) => {
+            Ok(p) => {
                 sess.authenticated = true;
-                sess.user = user.clone();
-                sess.update_meta(|m| m.user = user);
+                sess.readonly = p.readonly;
+                sess.user = p.name.clone();
+                sess.update_meta(|m| m.user = p.name);
             }
             Err(e) => {
                 px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -114,6 +114,14 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     };
     sess.level = Level::L2;
 
+    if sess.readonly {
+        if let Some(refused) = readonly_refuses(name, &lookup, req.args.len()) {
+            crate::metrics::NOPERM_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Inside MULTI the refusal aborts the transaction, as Redis's ACL check does.
+            sess.txn.refuse_queued();
+            return Pending::error(Error::noperm(&refused));
+        }
+    }
     if let Some(ps) = sess.pubsub.as_mut() {
         ps.settle();
     }
@@ -240,6 +248,27 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         return spill::resolving(px, sess.proto, p);
     }
     p
+}
+
+/// For a read-only user: the name to quote in NOPERM if this command may change data.
+/// Commands with Redis's `write` flag, scripts and functions that may write (EVAL,
+/// EVALSHA, FCALL; their `_RO` forms are allowed), and the proxy's own key-deleting
+/// commands. Checked after arity, as Redis does (a wrong arity still
+/// gets the arity error).
+fn readonly_refuses(name: &[u8], lookup: &Option<Lookup>, argc: usize) -> Option<String> {
+    match lookup {
+        // may_write: the write flag, scripts (`may_replicate`, or EVAL's and FCALL's
+        // read-write key specs), less PUBLISH, which replicates but changes no data.
+        Some(Lookup::Found(info)) if info.arity_ok(argc) => {
+            (info.may_write() && !info.flags.pubsub).then(|| info.name.clone())
+        }
+        _ => match name {
+            b"tierproxy.tag" | b"tierproxy.invalidate" => {
+                Some(String::from_utf8_lossy(name).into_owned())
+            }
+            _ => None,
+        },
+    }
 }
 
 /// The L1 layer, then policy routing; whether the L1 read path already resolved spill

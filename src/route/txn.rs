@@ -69,6 +69,16 @@ impl TxnState {
     }
 }
 
+impl TxnState {
+    /// A command was refused while queueing (as by Redis's checks): EXEC will answer
+    /// EXECABORT. Nothing happens outside MULTI.
+    pub fn refuse_queued(&mut self) {
+        if let Some(q) = self.queue.as_mut() {
+            q.aborted = true;
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue {
     cmds: Vec<Queued>,
