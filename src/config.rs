@@ -25,6 +25,16 @@ pub const DEFAULT_PROTO_MAX_BULK_LEN: u64 = 512 * 1024 * 1024;
 pub const DEFAULT_QUERY_BUFFER_LIMIT: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_INFLIGHT: usize = 1_024;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 0;
+/// Redis's default `tcp-keepalive`.
+pub const DEFAULT_CLIENT_TCP_KEEPALIVE_SECS: u64 = 300;
+pub const DEFAULT_UPSTREAM_TCP_KEEPALIVE_SECS: u64 = 60;
+/// Long enough for a Redis Cluster failover with a few seconds of node timeout.
+pub const DEFAULT_FAILOVER_WAIT_MS: u64 = 10_000;
+/// Unsent replies held for one client before the proxy waits for it to read.
+pub const DEFAULT_OUTPUT_BUFFER_LIMIT: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_OUTPUT_STALL_TIMEOUT_SECS: u64 = 60;
+/// A client that has not finished the TLS handshake after this long is closed.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_L1_MAX_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_L1_MAX_ENTRIES: u64 = 10_000;
@@ -53,6 +63,7 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub upstream: UpstreamConfig,
     pub client: ClientConfig,
+    pub tls: TlsConfig,
     pub auth: AuthConfig,
     pub l1: L1Config,
     pub l3: L3Config,
@@ -261,6 +272,13 @@ pub struct UpstreamConfig {
     pub tls_server_name: String,
     /// ElastiCache IAM authentication.
     pub iam: IamConfig,
+    /// TCP keepalive probes on every upstream connection after this idle time, so a
+    /// dead node behind a silent network is noticed; 0 = off.
+    pub tcp_keepalive_secs: u64,
+    /// Cluster mode: a request whose master cannot be reached (never sent) or that gets
+    /// CLUSTERDOWN waits up to this long for a replica to be promoted, re-sent as the
+    /// topology changes, instead of failing at once; 0 = fail at once.
+    pub failover_wait_ms: u64,
 }
 
 /// ElastiCache IAM authentication: each connection authenticates as `user_id` with a
@@ -290,6 +308,51 @@ pub struct ClientConfig {
     /// Pub/sub messages queued for a client that reads too slowly: past this many bytes
     /// it is disconnected (Redis's `client-output-buffer-limit pubsub` hard limit).
     pub pubsub_output_limit: u64,
+    /// Replies produced for a client but not yet written: past this many bytes the proxy
+    /// writes them before resolving more (a client that does not read holds no more).
+    pub output_buffer_limit: u64,
+    /// A client that accepts none of its pending replies for this long is disconnected;
+    /// 0 = never.
+    pub output_stall_timeout_secs: u64,
+    /// TCP keepalive probes on client sockets after this idle time (Redis's
+    /// `tcp-keepalive`); 0 = off.
+    pub tcp_keepalive_secs: u64,
+}
+
+/// TLS on the client listener. With a certificate configured the listener speaks only
+/// TLS: plaintext clients fail the handshake and are closed.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain of the listener.                 flag --tls-cert
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).              flag --tls-key
+    pub key_file: String,
+    /// PEM CA certificates that client certificates must chain to; empty = clients
+    /// are not asked for one.                                  flag --tls-ca-cert
+    pub client_ca_file: String,
+    /// With `client_ca_file`: `yes` requires a client certificate, `optional` verifies one
+    /// if sent (Redis's `tls-auth-clients`).
+    pub auth_clients: String,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            auth_clients: "yes".into(),
+            handshake_timeout_ms: DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -306,6 +369,9 @@ pub struct UserConfig {
     pub name: String,
     /// Hex SHA-256 of the password; plaintext passwords are never stored in the file.
     pub password_sha256: String,
+    /// Refuse commands that write (NOPERM), as an ACL user with `-@write` would be.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -325,6 +391,7 @@ impl Default for Config {
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             upstream: UpstreamConfig::default(),
             client: ClientConfig::default(),
+            tls: TlsConfig::default(),
             auth: AuthConfig::default(),
             l1: L1Config::default(),
             l3: L3Config::default(),
@@ -352,6 +419,8 @@ impl Default for UpstreamConfig {
             tls_ca_file: String::new(),
             tls_server_name: String::new(),
             iam: IamConfig::default(),
+            tcp_keepalive_secs: DEFAULT_UPSTREAM_TCP_KEEPALIVE_SECS,
+            failover_wait_ms: DEFAULT_FAILOVER_WAIT_MS,
         }
     }
 }
@@ -365,6 +434,9 @@ impl Default for ClientConfig {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             pubsub_output_limit: DEFAULT_PUBSUB_OUTPUT_LIMIT,
+            output_buffer_limit: DEFAULT_OUTPUT_BUFFER_LIMIT,
+            output_stall_timeout_secs: DEFAULT_OUTPUT_STALL_TIMEOUT_SECS,
+            tcp_keepalive_secs: DEFAULT_CLIENT_TCP_KEEPALIVE_SECS,
         }
     }
 }
@@ -384,6 +456,9 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
     pub upstream: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_ca_cert: Option<String>,
 }
 
 /// A parsed upstream seed.
@@ -490,6 +565,15 @@ impl Config {
         if let Some(v) = &overrides.upstream {
             cfg.upstream.seeds = split_list(v);
         }
+        if let Some(v) = &overrides.tls_cert {
+            cfg.tls.cert_file = v.clone();
+        }
+        if let Some(v) = &overrides.tls_key {
+            cfg.tls.key_file = v.clone();
+        }
+        if let Some(v) = &overrides.tls_ca_cert {
+            cfg.tls.client_ca_file = v.clone();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -513,6 +597,15 @@ impl Config {
         }
         if let Some(v) = get("TIERPROXY_ADMIN_LISTEN") {
             self.admin_listen = v;
+        }
+        if let Some(v) = get("TIERPROXY_TLS_CERT") {
+            self.tls.cert_file = v;
+        }
+        if let Some(v) = get("TIERPROXY_TLS_KEY") {
+            self.tls.key_file = v;
+        }
+        if let Some(v) = get("TIERPROXY_TLS_CA_CERT") {
+            self.tls.client_ca_file = v;
         }
         if let Some(v) = get("TIERPROXY_PASSWORD") {
             self.auth.password = Some(v);
@@ -666,6 +759,49 @@ impl Config {
         }
         if c.query_buffer_limit < 1024 * 1024 {
             return bad("client.query_buffer_limit", "must be at least 1 MiB".into());
+        }
+        if c.output_buffer_limit < 16 * 1024 {
+            return bad(
+                "client.output_buffer_limit",
+                "must be at least 16 KiB".into(),
+            );
+        }
+        let t = &self.tls;
+        if t.enabled() || !t.key_file.is_empty() {
+            for (key, v) in [
+                ("tls.cert_file", &t.cert_file),
+                ("tls.key_file", &t.key_file),
+            ] {
+                if v.is_empty() {
+                    return bad(key, "is required when the listener uses TLS".into());
+                }
+                if !Path::new(v).is_file() {
+                    return bad(key, format!("{v:?} is not a readable file"));
+                }
+            }
+        }
+        if !t.client_ca_file.is_empty() {
+            if !t.enabled() {
+                return bad(
+                    "tls.client_ca_file",
+                    "needs tls.cert_file and tls.key_file".into(),
+                );
+            }
+            if !Path::new(&t.client_ca_file).is_file() {
+                return bad(
+                    "tls.client_ca_file",
+                    format!("{:?} is not a readable file", t.client_ca_file),
+                );
+            }
+        }
+        if !matches!(t.auth_clients.as_str(), "yes" | "optional") {
+            return bad(
+                "tls.auth_clients",
+                format!("{:?} must be \"yes\" or \"optional\"", t.auth_clients),
+            );
+        }
+        if t.handshake_timeout_ms == 0 {
+            return bad("tls.handshake_timeout_ms", "must be greater than 0".into());
         }
         for (i, user) in self.auth.users.iter().enumerate() {
             let h = &user.password_sha256;

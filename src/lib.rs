@@ -28,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod l1;
 pub mod metrics;
+pub mod net;
 pub mod parse;
 pub mod reload;
 pub mod respond;
@@ -97,6 +98,8 @@ pub struct Proxy {
     /// Script bodies seen, to heal NOSCRIPT after a failover.
     pub scripts: route::scripts::ScriptCache,
     pub slowlog: slowlog::SlowLog,
+    /// TLS on the client listener, when `tls.cert_file` is set.
+    pub front_tls: Option<client::tls::FrontTls>,
 }
 
 impl Proxy {
@@ -136,6 +139,10 @@ pub async fn run(
         )
     };
 
+    let front_tls = match cfg.tls.enabled() {
+        true => Some(client::tls::FrontTls::new(&cfg.tls).map_err(StartError::Config)?),
+        false => None,
+    };
     let l1 = cfg.l1.enabled.then(|| Arc::new(l1::L1::new(&cfg.l1)));
     let spill = match cfg.l3.enabled {
         true => Some(Arc::new(spill::Spill::new(&cfg.l3).await?)),
@@ -156,6 +163,7 @@ pub async fn run(
         prometheus: metrics::install(),
         scripts: Default::default(),
         slowlog: slowlog::SlowLog::new(&cfg.slowlog),
+        front_tls,
         live: std::sync::RwLock::new(Arc::new(cfg.clone())),
         cfg,
     });

@@ -26,6 +26,15 @@ struct Cli {
     /// Admin HTTP listener (/healthz, /readyz).
     #[arg(long)]
     admin_listen: Option<String>,
+    /// PEM certificate chain: the client listener then speaks only TLS.
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long)]
+    tls_key: Option<String>,
+    /// PEM CA certificates: clients must present a certificate signed by one of them.
+    #[arg(long)]
+    tls_ca_cert: Option<String>,
     /// Validate the configuration and exit (0 = valid).
     #[arg(long)]
     check_config: bool,
@@ -88,6 +97,9 @@ fn main() -> ExitCode {
         listen: cli.listen,
         admin_listen: cli.admin_listen,
         upstream: cli.upstream,
+        tls_cert: cli.tls_cert,
+        tls_key: cli.tls_key,
+        tls_ca_cert: cli.tls_ca_cert,
     };
     let config_path = cli.config.clone();
     let reload_overrides = overrides.clone();

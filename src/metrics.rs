@@ -51,6 +51,10 @@ pub const COMMAND_DURATION: &str = "tierproxy_command_duration_seconds";
 pub const SLOWLOG_ENTRIES: &str = "tierproxy_slowlog_entries_total";
 pub const CONFIG_RELOADS: &str = "tierproxy_config_reloads_total";
 pub const INFLIGHT: &str = "tierproxy_inflight_requests";
+pub const OUTPUT_STALLS: &str = "tierproxy_client_output_stalls_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "tierproxy_tls_handshake_failures_total";
+pub const NOPERM: &str = "tierproxy_noperm_total";
+pub const FAILOVER_WAITS_TOTAL: &str = "tierproxy_failover_waits_total";
 
 // Counters of the stateful paths, process-wide: pinned connections are released in
 // `Drop`, where no `Proxy` is at hand.
@@ -68,6 +72,14 @@ pub static PUBSUB_DROPPED_CLIENTS: AtomicU64 = AtomicU64::new(0);
 pub static PUBSUB_RESUBSCRIBED: AtomicU64 = AtomicU64::new(0);
 pub static SCRIPTS_RELOADED: AtomicU64 = AtomicU64::new(0);
 pub static SLOW_LOGGED: AtomicU64 = AtomicU64::new(0);
+/// Clients closed for not reading their replies (`client.output_stall_timeout_secs`).
+pub static OUTPUT_STALLED: AtomicU64 = AtomicU64::new(0);
+/// Client TLS handshakes that failed or timed out (plaintext on the TLS port included).
+pub static TLS_HANDSHAKES_FAILED: AtomicU64 = AtomicU64::new(0);
+/// Commands refused to read-only users.
+pub static NOPERM_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Requests that waited for an unreachable master to be replaced (upstream.failover_wait_ms).
+pub static FAILOVER_WAITS: AtomicU64 = AtomicU64::new(0);
 /// SIGHUP reloads: applied, and refused (the new file did not load or validate).
 pub static RELOADS_OK: AtomicU64 = AtomicU64::new(0);
 pub static RELOADS_FAILED: AtomicU64 = AtomicU64::new(0);
@@ -386,6 +398,22 @@ pub fn install() -> Option<PrometheusHandle> {
         "Client connections closed for a malformed frame."
     );
     describe_counter!(AUTH_FAILURES, "Failed AUTH/HELLO AUTH attempts.");
+    describe_counter!(
+        OUTPUT_STALLS,
+        "Clients disconnected for reading none of their replies for client.output_stall_timeout_secs."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Client TLS handshakes that failed or timed out (plaintext on the TLS listener included)."
+    );
+    describe_counter!(
+        FAILOVER_WAITS_TOTAL,
+        "Requests that waited for an unreachable master's failover instead of failing at once."
+    );
+    describe_counter!(
+        NOPERM,
+        "Commands refused with NOPERM (write commands from read-only users)."
+    );
     describe_gauge!(CLIENTS, "Client connections open now.");
     describe_counter!(CONNECTIONS, "Client connections accepted.");
     describe_counter!(REJECTED, "Client connections refused at maxclients.");
@@ -447,6 +475,10 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
     counter!(CONFIG_RELOADS, "result" => "failed").absolute(ld(&RELOADS_FAILED));
     counter!(PROTOCOL_ERRORS).absolute(ld(&s.protocol_errors));
     counter!(AUTH_FAILURES).absolute(ld(&s.auth_failures));
+    counter!(OUTPUT_STALLS).absolute(ld(&OUTPUT_STALLED));
+    counter!(TLS_HANDSHAKE_FAILURES).absolute(ld(&TLS_HANDSHAKES_FAILED));
+    counter!(NOPERM).absolute(ld(&NOPERM_REFUSED));
+    counter!(FAILOVER_WAITS_TOTAL).absolute(ld(&FAILOVER_WAITS));
     counter!(CONNECTIONS).absolute(ld(&s.connections));
     counter!(REJECTED).absolute(ld(&s.rejected));
     gauge!(CLIENTS).set(px.clients.len() as f64);

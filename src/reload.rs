@@ -150,6 +150,21 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
         out.applied.push("slowlog");
     }
 
+    // Certificates are re-read on every reload (rotation keeps the same paths).
+    match (&px.front_tls, new.tls.enabled() == old.tls.enabled()) {
+        (Some(tls), true) => match tls.reload(&new.tls) {
+            Ok(()) => {
+                live.tls = new.tls.clone();
+                out.applied.push("tls (certificate, key, client CA)");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running ones");
+            }
+        },
+        (None, true) => {}
+        (_, false) => out.needs_restart.push("tls (turning TLS on or off)"),
+    }
+
     for (name, changed) in [
         ("listen", old.listen != new.listen),
         ("admin_listen", old.admin_listen != new.admin_listen),

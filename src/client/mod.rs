@@ -4,24 +4,30 @@
 
 pub mod auth;
 pub mod session;
+pub mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::metrics::{CmdStat, Level, Outcome};
-use crate::parse::request::{parse_batch, Limits};
+use crate::parse::request::{parse_batch, Limits, ParseState};
 use crate::respond::Value;
 use crate::route::{self, Pending};
 use crate::Proxy;
 use session::{ReplyMode, Session};
 
 const READ_CHUNK: usize = 16 * 1024;
+/// First reads are small: most connections send short commands, and an idle one keeps
+/// its read buffer. A read that fills the buffer switches to `READ_CHUNK`.
+const SMALL_READ: usize = 1024;
+/// A reply buffer larger than this is given back after it is written.
+const KEEP_OUT: usize = 64 * 1024;
 
 /// Accepts until `shutdown` flips, then returns (open connections finish on their own).
 pub async fn accept_loop(
@@ -77,10 +83,44 @@ async fn serve(
     px: &Arc<Proxy>,
     sock: TcpStream,
     addr: std::net::SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let laddr = sock.local_addr()?;
     let _ = sock.set_nodelay(true);
+    crate::net::set_keepalive(&sock, px.cfg.client.tcp_keepalive_secs);
+    match &px.front_tls {
+        Some(tls) => {
+            let stream = match tls.accept(sock).await {
+                Ok(s) => s,
+                Err(e) => {
+                    crate::metrics::TLS_HANDSHAKES_FAILED.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %addr, error = %e, "TLS handshake failed");
+                    return Ok(());
+                }
+            };
+            let (rd, wr) = tokio::io::split(stream);
+            // Boxed: one allocation per connection keeps the spawned future's type shallow.
+            Box::pin(serve_io(px, rd, wr, addr, laddr, shutdown)).await
+        }
+        None => {
+            let (rd, wr) = sock.into_split();
+            Box::pin(serve_io(px, rd, wr, addr, laddr, shutdown)).await
+        }
+    }
+}
+
+async fn serve_io<R, W>(
+    px: &Arc<Proxy>,
+    rd: R,
+    wr: W,
+    addr: std::net::SocketAddr,
+    laddr: std::net::SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let entry = px.clients.register(addr, laddr, px.started);
     let id = entry.id;
     let mut sess = Session::new(entry, px.auth.required());
@@ -92,7 +132,7 @@ async fn serve(
         }
     }
     let _unregister = Unregister(px, id);
-    crate::metrics::with_reply_level(conn_loop(px, sock, &mut sess, &mut shutdown)).await
+    crate::metrics::with_reply_level(conn_loop(px, rd, wr, &mut sess, &mut shutdown)).await
 }
 
 /// A dispatched command waiting for its reply to be resolved and written.
@@ -160,40 +200,73 @@ impl Drop for Release<'_> {
     }
 }
 
-async fn conn_loop(
+/// A connection's socket halves and buffers.
+struct Io<R, W> {
+    rd: R,
+    wr: W,
+    inbuf: BytesMut,
+    out: BytesMut,
+    pending: Vec<Queued>,
+    /// `client.output_stall_timeout_secs`.
+    stall: Option<Duration>,
+}
+
+async fn conn_loop<R, W>(
     px: &Arc<Proxy>,
-    sock: TcpStream,
+    rd: R,
+    wr: W,
     sess: &mut Session,
     shutdown: &mut watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let cfg = &px.cfg.client;
     let idle = (cfg.idle_timeout_secs > 0).then(|| Duration::from_secs(cfg.idle_timeout_secs));
-    let (mut rd, mut wr) = sock.into_split();
-    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = BytesMut::with_capacity(READ_CHUNK);
+    // Allocated on first use: an idle connection holds no buffers beyond the first read's.
+    let mut io = Io {
+        rd,
+        wr,
+        inbuf: BytesMut::new(),
+        out: BytesMut::new(),
+        pending: Vec::new(),
+        stall: (cfg.output_stall_timeout_secs > 0)
+            .then(|| Duration::from_secs(cfg.output_stall_timeout_secs)),
+    };
     let mut reqs = Vec::new();
-    let mut pending: Vec<Queued> = Vec::new();
+    let mut parse_state = ParseState::default();
+    let mut big_reads = false;
     loop {
         let limits = Limits {
             proto_max_bulk_len: cfg.proto_max_bulk_len as i64,
             unauthenticated: !sess.authenticated,
         };
-        let parse_err = parse_batch(&mut inbuf, limits, cfg.max_inflight, &mut reqs).err();
+        let parse_err = parse_batch(
+            &mut io.inbuf,
+            limits,
+            cfg.max_inflight,
+            &mut reqs,
+            &mut parse_state,
+        )
+        .err();
         if reqs.is_empty() && parse_err.is_none() {
-            if inbuf.len() as u64 > cfg.query_buffer_limit {
+            if io.inbuf.len() as u64 > cfg.query_buffer_limit {
                 tracing::warn!(client = %sess.entry.addr, "closing client that reached max query buffer length");
                 return Ok(());
             }
             if *shutdown.borrow() {
                 return Ok(());
             }
-            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
-                inbuf.reserve(READ_CHUNK);
+            let chunk = if big_reads { READ_CHUNK } else { SMALL_READ };
+            if io.inbuf.capacity() - io.inbuf.len() < chunk / 2 {
+                io.inbuf.reserve(chunk);
             }
+            let (rd, inbuf) = (&mut io.rd, &mut io.inbuf);
             let read = async {
                 match idle {
-                    Some(d) => tokio::time::timeout(d, rd.read_buf(&mut inbuf)).await.ok(),
-                    None => Some(rd.read_buf(&mut inbuf).await),
+                    Some(d) => tokio::time::timeout(d, rd.read_buf(inbuf)).await.ok(),
+                    None => Some(rd.read_buf(inbuf).await),
                 }
             };
             // A subscriber also waits for messages (and is dropped past its limit).
@@ -214,13 +287,13 @@ async fn conn_loop(
                 r = read => match r {
                     None => return Ok(()), // idle timeout, closed silently as Redis does
                     Some(Ok(0)) => return Ok(()),
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => big_reads = io.inbuf.len() == io.inbuf.capacity(),
                     Some(Err(e)) => return Err(e),
                 },
                 _ = message => {
                     if let Some(o) = &outbox {
-                        o.drain_into(&mut out);
-                        write_out(&mut wr, &mut out, Some(o)).await?;
+                        o.drain_into(&mut io.out);
+                        write_out(&mut io.wr, &mut io.out, Some(o), io.stall).await?;
                     }
                     continue;
                 }
@@ -236,130 +309,188 @@ async fn conn_loop(
             continue;
         }
 
-        // While replies are awaited the client socket is still watched: input is buffered
-        // for the next batch, and a client that went away abandons a blocking command
-        // instead of pinning its upstream connection until the command times out.
-        let mut client_gone = false;
-        for req in reqs.drain(..) {
-            let is_client_reply = req.args.len() == 3
-                && req.args[0].eq_ignore_ascii_case(b"client")
-                && req.args[1].eq_ignore_ascii_case(b"reply");
-            let before = sess.reply_mode;
-            let started = Instant::now();
-            let raw = px.slowlog.enabled().then(|| req.raw.clone());
-            let p = route::dispatch(px, sess, req).await;
-            crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
-            let silent = if is_client_reply {
-                sess.reply_mode != ReplyMode::On
-            } else {
-                if before == ReplyMode::Skip {
-                    sess.reply_mode = ReplyMode::On;
-                }
-                before != ReplyMode::On
-            };
-            // A deferred command reaches the upstream only when awaited: resolve it (and
-            // everything before it) before the next command is dispatched, so that no
-            // later command of the pipeline overtakes it.
-            let barrier = p.is_deferred();
-            // Refused before reaching Redis: an immediate error from the proxy's own
-            // checks (arity, NOAUTH, CROSSSLOT, …), not from a command it answers itself.
-            let rejected =
-                sess.level != Level::Local && matches!(&p, Pending::Ready(v) if is_error_reply(v));
-            pending.push(Queued {
-                p,
-                proto: sess.proto,
-                silent,
-                stat: sess.cmd_stat.take(),
-                level: sess.level,
-                rejected,
-                started,
-                raw,
-            });
-            if barrier {
-                let drained = drain(
-                    px,
-                    &mut pending,
-                    &mut out,
-                    &mut rd,
-                    &mut inbuf,
-                    &mut client_gone,
-                    sess,
-                )
-                .await;
-                if !drained {
-                    return Ok(());
-                }
-            }
-            if sess.closing {
-                break;
-            }
-        }
-        if !drain(
-            px,
-            &mut pending,
-            &mut out,
-            &mut rd,
-            &mut inbuf,
-            &mut client_gone,
-            sess,
-        )
-        .await
-        {
-            return Ok(());
-        }
-        if let Some(e) = &parse_err {
-            px.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(client = %sess.entry.addr, error = %e, "protocol error; closing client");
-            e.to_reply().encode(sess.proto, &mut out);
-        }
-        if !out.is_empty() {
-            let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
-            if outbox.is_some_and(|o| o.is_over()) {
-                return Ok(());
-            }
-            write_out(&mut wr, &mut out, outbox).await?;
-        }
-        if sess.closing || parse_err.is_some() || client_gone {
-            let _ = wr.shutdown().await;
+        // The batch runs in its own allocation (one per batch, not per command): dispatch
+        // and reply futures are large, and an idle connection should not carry their
+        // space while it waits for input.
+        if !Box::pin(run_batch(px, sess, &mut reqs, parse_err, &mut io)).await? {
             return Ok(());
         }
     }
 }
 
+/// Dispatches a batch of parsed requests, resolves their replies in order and writes
+/// them (with the protocol error that ended the batch, if any). False: close the
+/// connection.
+async fn run_batch<R, W>(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    reqs: &mut Vec<crate::parse::request::Request>,
+    parse_err: Option<crate::error::ProtocolError>,
+    io: &mut Io<R, W>,
+) -> std::io::Result<bool>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    // While replies are awaited the client socket is still watched: input is buffered
+    // for the next batch, and a client that went away abandons a blocking command
+    // instead of pinning its upstream connection until the command times out.
+    let mut client_gone = false;
+    for req in reqs.drain(..) {
+        let is_client_reply = req.args.len() == 3
+            && req.args[0].eq_ignore_ascii_case(b"client")
+            && req.args[1].eq_ignore_ascii_case(b"reply");
+        let before = sess.reply_mode;
+        let started = Instant::now();
+        let raw = px.slowlog.enabled().then(|| req.raw.clone());
+        let p = route::dispatch(px, sess, req).await;
+        crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
+        let silent = if is_client_reply {
+            sess.reply_mode != ReplyMode::On
+        } else {
+            if before == ReplyMode::Skip {
+                sess.reply_mode = ReplyMode::On;
+            }
+            before != ReplyMode::On
+        };
+        // A deferred command reaches the upstream only when awaited: resolve it (and
+        // everything before it) before the next command is dispatched, so that no
+        // later command of the pipeline overtakes it.
+        let barrier = p.is_deferred();
+        // Refused before reaching Redis: an immediate error from the proxy's own
+        // checks (arity, NOAUTH, CROSSSLOT, …), not from a command it answers itself.
+        let rejected =
+            sess.level != Level::Local && matches!(&p, Pending::Ready(v) if is_error_reply(v));
+        io.pending.push(Queued {
+            p,
+            proto: sess.proto,
+            silent,
+            stat: sess.cmd_stat.take(),
+            level: sess.level,
+            rejected,
+            started,
+            raw,
+        });
+        if barrier && !drain(px, io, &mut client_gone, sess).await? {
+            return Ok(false);
+        }
+        if sess.closing {
+            break;
+        }
+    }
+    if !drain(px, io, &mut client_gone, sess).await? {
+        return Ok(false);
+    }
+    if let Some(e) = &parse_err {
+        px.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(client = %sess.entry.addr, error = %e, "protocol error; closing client");
+        e.to_reply().encode(sess.proto, &mut io.out);
+    }
+    if !io.out.is_empty() {
+        let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
+        if outbox.is_some_and(|o| o.is_over()) {
+            return Ok(false);
+        }
+        write_out(&mut io.wr, &mut io.out, outbox, io.stall).await?;
+    }
+    if sess.closing || parse_err.is_some() || client_gone {
+        let _ = io.wr.shutdown().await;
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// Writes `out` to the client. A subscriber that stops reading is closed once its
-/// queued messages pass the limit, even while this write is stuck.
-async fn write_out(
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+/// queued messages pass the limit, even while this write is stuck; any client that
+/// accepts nothing for `stall` is closed.
+async fn write_out<W: AsyncWrite + Unpin>(
+    wr: &mut W,
     out: &mut BytesMut,
     outbox: Option<&crate::route::pubsub::Outbox>,
+    stall: Option<Duration>,
 ) -> std::io::Result<()> {
+    let write = write_all_watched(wr, out, stall);
     match outbox {
         Some(o) => tokio::select! {
-            r = wr.write_all(out) => r?,
+            r = write => r?,
             _ = o.overflow.notified() => {
                 return Err(std::io::Error::other("subscriber over client.pubsub_output_limit"));
             }
         },
-        None => wr.write_all(out).await?,
+        None => write.await?,
     }
     out.clear();
-    if out.capacity() > 4 * 1024 * 1024 {
-        *out = BytesMut::with_capacity(READ_CHUNK);
+    if out.capacity() > KEEP_OUT {
+        *out = BytesMut::new();
     }
     Ok(())
 }
 
+/// `write_all` then `flush` (TLS buffers records), failing with `TimedOut` if the
+/// client takes no bytes for `stall`: each write that makes progress restarts the clock.
+async fn write_all_watched<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    buf: &[u8],
+    stall: Option<Duration>,
+) -> std::io::Result<()> {
+    async fn watched<T>(
+        stall: Option<Duration>,
+        f: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> std::io::Result<T> {
+        match stall {
+            // The timer is only armed if the write has to wait.
+            Some(d) => match tokio::time::timeout(d, f).await {
+                Ok(r) => r,
+                Err(_) => {
+                    crate::metrics::OUTPUT_STALLED.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        stalled_secs = d.as_secs(),
+                        "closing client that reads none of its replies (client.output_stall_timeout_secs)"
+                    );
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client output stalled",
+                    ))
+                }
+            },
+            None => f.await,
+        }
+    }
+    let mut off = 0;
+    while off < buf.len() {
+        let n = watched(stall, wr.write(&buf[off..])).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        off += n;
+    }
+    watched(stall, wr.flush()).await
+}
+
 /// Resolves the pending replies in order into `out`. False if the client went away while
-/// a blocking command waited (that command is abandoned, its connection closed).
-async fn drain(
+/// a blocking command waited (that command is abandoned, its connection closed). Once
+/// `out` passes `client.output_buffer_limit` it is written before more replies are
+/// resolved: a client that does not read makes the proxy wait, not buffer.
+async fn drain<R, W>(
     px: &Arc<Proxy>,
-    pending: &mut Vec<Queued>,
-    out: &mut BytesMut,
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    inbuf: &mut BytesMut,
+    io: &mut Io<R, W>,
     client_gone: &mut bool,
     sess: &Session,
-) -> bool {
+) -> std::io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Io {
+        rd,
+        wr,
+        inbuf,
+        out,
+        pending,
+        stall,
+    } = io;
+    let stall = *stall;
+    let out_limit = px.cfg.client.output_buffer_limit as usize;
     // A subscriber's messages are interleaved with its replies.
     let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
     let limit = px.cfg.client.query_buffer_limit;
@@ -392,7 +523,7 @@ async fn drain(
         let Some(v) = v else {
             // This command and the ones after it are abandoned with the client.
             crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
-            return false;
+            return Ok(false);
         };
         account(px, &q, &v, sess, blocking);
         prev_done = Some(Instant::now());
@@ -403,8 +534,14 @@ async fn drain(
         if !q.silent {
             v.encode(q.proto, out);
         }
+        if out.len() >= out_limit && i + 1 < total {
+            if let Err(e) = write_out(wr, out, outbox, stall).await {
+                crate::metrics::INFLIGHT_NOW.fetch_sub((total - i - 1) as i64, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
     }
-    true
+    Ok(true)
 }
 
 fn is_error_reply(v: &Value) -> bool {

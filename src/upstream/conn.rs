@@ -41,6 +41,8 @@ pub struct Handshake {
     pub tls: Option<Arc<super::tls::UpstreamTls>>,
     /// ElastiCache IAM: the password is a fresh token for `iam.user_id`.
     pub iam: Option<Arc<super::iam::IamAuth>>,
+    /// `upstream.tcp_keepalive_secs`, on every connection (pinned ones included).
+    pub keepalive_secs: u64,
 }
 
 /// Called once when a connection closes, whatever closes it.
@@ -201,6 +203,7 @@ pub(crate) async fn dial(
             .await
             .map_err(|e| UpstreamError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
+        crate::net::set_keepalive(&stream, hs.keepalive_secs);
         match &hs.tls {
             Some(tls) => tls.wrap(addr, stream).await,
             None => {

@@ -59,6 +59,8 @@ pub struct Settings {
     pub handshake: Handshake,
     pub pinned_max: usize,
     pub pinned_idle: usize,
+    /// How long a request waits for an unreachable master to be replaced (cluster mode).
+    pub failover_wait: Duration,
 }
 
 impl Settings {
@@ -88,6 +90,7 @@ impl Settings {
             refresh_interval: Duration::from_millis(u.topology_refresh_interval_ms),
             pinned_max: u.pinned_max_per_node,
             pinned_idle: u.pinned_idle_per_node,
+            failover_wait: Duration::from_millis(u.failover_wait_ms),
             handshake: Handshake {
                 username: u
                     .username
@@ -100,6 +103,7 @@ impl Settings {
                 client_name: Some("tierproxy".into()),
                 tls,
                 iam,
+                keepalive_secs: u.tcp_keepalive_secs,
             },
         })
     }
@@ -314,6 +318,9 @@ pub struct Upstream {
     last_error: Mutex<String>,
     refresh: Notify,
     pub refreshes: AtomicU64,
+    /// The last topology refresh reached a node: the cluster is at least partly up, so
+    /// an unreachable master is worth waiting for (a failover), not a total outage.
+    reachable: std::sync::atomic::AtomicBool,
     rr: AtomicUsize,
     /// L1 when it relies on tracking (invalidation connections, flush on changes).
     tracking: Option<Arc<L1>>,
@@ -341,6 +348,7 @@ impl Upstream {
             last_error: Mutex::new("not connected yet".into()),
             refresh: Notify::new(),
             refreshes: AtomicU64::new(0),
+            reachable: std::sync::atomic::AtomicBool::new(false),
             rr: AtomicUsize::new(0),
         }))
     }
@@ -382,6 +390,57 @@ impl Upstream {
             .entry(addr.to_string())
             .or_insert_with(|| Node::new(addr, &self.settings, self.tracking.clone()))
             .clone()
+    }
+
+    pub(crate) fn set_reachable(&self, yes: bool) {
+        self.reachable.store(yes, Ordering::Relaxed);
+    }
+
+    /// A request that could not be sent because its master is unreachable (connect
+    /// refused or timed out: it never ran) or the cluster says CLUSTERDOWN: during a
+    /// failover it is re-sent to the slot's owner as the topology changes, until
+    /// `upstream.failover_wait_ms` has passed. Given up at once when no node answers
+    /// the topology refresh (a total outage is reported promptly) and outside cluster
+    /// mode.
+    async fn wait_for_failover(
+        &self,
+        target: &Target,
+        data: &Bytes,
+        proto: Proto,
+        hint: usize,
+        mut err: Error,
+        deadline: &mut Option<Instant>,
+    ) -> Result<(Arc<PipeConn>, ReplyRx), Error> {
+        if !matches!(target, Target::Slot(_) | Target::Any)
+            || self.mode() != Some(Mode::Cluster)
+            || self.settings.failover_wait.is_zero()
+        {
+            return Err(err);
+        }
+        let until = *deadline.get_or_insert_with(|| {
+            crate::metrics::FAILOVER_WAITS.fetch_add(1, Ordering::Relaxed);
+            Instant::now() + self.settings.failover_wait
+        });
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if !unavailable(&err) || Instant::now() + pause > until {
+                return Err(err);
+            }
+            self.request_refresh();
+            tokio::time::sleep(pause).await;
+            if !self.reachable.load(Ordering::Relaxed) {
+                return Err(err);
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+            let queued = match self.resolve(target) {
+                Ok(node) => self.queue(&node, data.clone(), 0, proto, hint).await,
+                Err(e) => Err(e),
+            };
+            match queued {
+                Ok(q) => return Ok(q),
+                Err(e) => err = e,
+            }
+        }
     }
 
     /// Asks the topology task for a refresh soon (coalesced).
@@ -467,7 +526,14 @@ impl Upstream {
             hint,
             state,
         } = t;
-        let (mut conn, mut rx) = state?;
+        let mut failover: Option<Instant> = None;
+        let (mut conn, mut rx) = match state {
+            Ok(q) => q,
+            Err(e) => {
+                self.wait_for_failover(&target, &data, proto, hint, e, &mut failover)
+                    .await?
+            }
+        };
         let mut redirects = 0u32;
         loop {
             let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
@@ -497,6 +563,19 @@ impl Upstream {
                 Ok(Ok(Ok(reply))) => reply,
             };
             let Some(redirect) = Redirect::parse(&reply) else {
+                if reply.starts_with(b"-CLUSTERDOWN") {
+                    let down = Error::Redis(error_text(&reply).unwrap_or_default());
+                    match self
+                        .wait_for_failover(&target, &data, proto, hint, down, &mut failover)
+                        .await
+                    {
+                        Ok(q) => {
+                            (conn, rx) = q;
+                            continue;
+                        }
+                        Err(_) => return Ok(reply),
+                    }
+                }
                 return Ok(reply);
             };
             redirects += 1;
@@ -677,6 +756,19 @@ impl Redirect {
             "TRYAGAIN" => Some(Redirect::TryAgain),
             _ => None,
         }
+    }
+}
+
+/// Whether a request failed without having been sent because its node is unreachable,
+/// or because the cluster is failing over (CLUSTERDOWN): safe to send again.
+fn unavailable(e: &Error) -> bool {
+    match e {
+        Error::Upstream { source, .. } => matches!(
+            source,
+            UpstreamError::Connect(_) | UpstreamError::ConnectTimeout(_)
+        ),
+        Error::Redis(m) => m.starts_with("CLUSTERDOWN"),
+        _ => false,
     }
 }
 

@@ -30,9 +30,10 @@ pub async fn run(up: Arc<Upstream>) {
     };
     loop {
         match refresh(&up, &mut state).await {
-            Ok(()) => {}
+            Ok(()) => up.set_reachable(true),
             Err(e) => {
                 tracing::warn!(error = %e, "topology refresh failed");
+                up.set_reachable(false);
                 up.set_last_error(e);
             }
         }
