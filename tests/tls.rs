@@ -48,6 +48,11 @@ fn certs(dir: &Path, name: &str, san: &str) {
             &format!("{ca}.crt"),
         ],
     );
+    leaf(dir, &ca, name, san);
+}
+
+/// A certificate `name.crt` (key `name.key`) signed by the CA `ca.crt`/`ca.key`.
+fn leaf(dir: &Path, ca: &str, name: &str, san: &str) {
     openssl(
         dir,
         &[
@@ -56,7 +61,7 @@ fn certs(dir: &Path, name: &str, san: &str) {
             "rsa:2048",
             "-nodes",
             "-subj",
-            "/CN=redis",
+            &format!("/CN={name}"),
             "-keyout",
             &format!("{name}.key"),
             "-out",
@@ -266,4 +271,223 @@ fn iam_auth_connects_as_the_iam_user_over_tls() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.iam.enabled"));
+}
+
+/// A proxy whose client listener uses TLS, in front of a plaintext standalone server;
+/// returns once its admin endpoint says it is ready (the harness's own readiness probe
+/// speaks plaintext).
+fn tls_proxy(dir: &Path, extra: &[&str]) -> Proxy {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut args = vec![
+        "--tls-cert".to_string(),
+        p("front.crt"),
+        "--tls-key".to_string(),
+        p("front.key"),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let px = Proxy::start_unready(&[support::shared_standalone().addr()], &args, &[]);
+    assert!(
+        support::eventually(Duration::from_secs(20), || px.admin_get("/readyz").0 == 200),
+        "the TLS proxy never became ready: {}",
+        px.stderr_tail()
+    );
+    px
+}
+
+/// `redis-cli --tls` against the proxy: (success, stdout + stderr).
+fn tls_cli(dir: &Path, px: &Proxy, tls_args: &[&str], cmd: &[&str]) -> (bool, String) {
+    let out = Command::new("redis-cli")
+        .current_dir(dir)
+        .args(["-h", "127.0.0.1", "-p", &px.port().to_string(), "--tls"])
+        .args(tls_args)
+        .args(cmd)
+        .output()
+        .expect("redis-cli");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn metric(px: &Proxy, name: &str) -> f64 {
+    let (_, body) = px.admin_get("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `--tls-cert`/`--tls-key`: clients connect with TLS (verified against the CA that
+/// signed the proxy's certificate); a plaintext client gets no reply, only a close; a
+/// client that trusts another CA refuses the proxy.
+#[test]
+fn the_client_listener_speaks_tls_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, "front", "IP:127.0.0.1");
+    certs(d, "other", "IP:127.0.0.1");
+    let px = tls_proxy(d, &[]);
+
+    let ca = ["--cacert", "front-ca.crt"];
+    assert_eq!(
+        tls_cli(d, &px, &ca, &["SET", "front-tls", "secret"]),
+        (true, "OK\n".to_string())
+    );
+    assert_eq!(
+        tls_cli(d, &px, &ca, &["GET", "front-tls"]),
+        (true, "secret\n".to_string())
+    );
+
+    // Plaintext on the TLS listener: the handshake fails and the connection is closed
+    // without a RESP reply.
+    let failures = metric(&px, "tierproxy_tls_handshake_failures_total");
+    let got = plaintext_exchange(&px.addr(), b"PING\r\n");
+    assert!(
+        !s(got.clone()).contains("PONG") && !got.starts_with(b"+") && !got.starts_with(b"-"),
+        "a plaintext client got a RESP reply: {:?}",
+        s(got)
+    );
+    assert!(support::eventually(Duration::from_secs(5), || {
+        metric(&px, "tierproxy_tls_handshake_failures_total") > failures
+    }));
+
+    // A client that does not trust the proxy's CA refuses it.
+    let (ok, out) = tls_cli(d, &px, &["--cacert", "other-ca.crt"], &["PING"]);
+    assert!(
+        !ok || !out.contains("PONG"),
+        "untrusted proxy accepted: {out}"
+    );
+}
+
+/// `--tls-ca-cert`: clients must present a certificate signed by that CA. Without one,
+/// or with one from another CA, they get nothing; `auth_clients = "optional"` lets
+/// certificate-less clients in but still refuses a bad certificate.
+#[test]
+fn client_certificates_are_verified_against_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, "front", "IP:127.0.0.1");
+    leaf(d, "front-ca", "app", "DNS:app.example");
+    certs(d, "rogue", "DNS:rogue.example");
+    let ca_path = d.join("front-ca.crt").to_string_lossy().into_owned();
+    let px = tls_proxy(d, &["--tls-ca-cert", &ca_path]);
+
+    let ca = ["--cacert", "front-ca.crt"];
+    let with_cert = [
+        "--cacert",
+        "front-ca.crt",
+        "--cert",
+        "app.crt",
+        "--key",
+        "app.key",
+    ];
+    assert_eq!(
+        tls_cli(d, &px, &with_cert, &["PING"]),
+        (true, "PONG\n".to_string())
+    );
+    let (_, out) = tls_cli(d, &px, &ca, &["PING"]);
+    assert!(
+        !out.contains("PONG"),
+        "a client without a certificate got in: {out}"
+    );
+    let rogue = [
+        "--cacert",
+        "front-ca.crt",
+        "--cert",
+        "rogue.crt",
+        "--key",
+        "rogue.key",
+    ];
+    let (_, out) = tls_cli(d, &px, &rogue, &["PING"]);
+    assert!(
+        !out.contains("PONG"),
+        "a certificate from another CA got in: {out}"
+    );
+    drop(px);
+
+    let cfg = config_file(&format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\nauth_clients = \"optional\"\n",
+        d.join("front.crt").to_string_lossy(),
+        d.join("front.key").to_string_lossy(),
+        ca_path,
+    ));
+    let optional = Proxy::start_unready(
+        &[support::shared_standalone().addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    assert!(support::eventually(Duration::from_secs(20), || {
+        optional.admin_get("/readyz").0 == 200
+    }));
+    assert_eq!(
+        tls_cli(d, &optional, &ca, &["PING"]),
+        (true, "PONG\n".to_string())
+    );
+    assert_eq!(
+        tls_cli(d, &optional, &with_cert, &["PING"]),
+        (true, "PONG\n".to_string())
+    );
+    let (_, out) = tls_cli(d, &optional, &rogue, &["PING"]);
+    assert!(
+        !out.contains("PONG"),
+        "optional mode accepted a bad certificate: {out}"
+    );
+}
+
+/// A client that opens a TCP connection to the TLS listener and says nothing is closed
+/// after `tls.handshake_timeout_ms`, and does not hold up anyone else.
+#[test]
+fn a_silent_client_is_closed_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    certs(d, "front", "IP:127.0.0.1");
+    let cfg = config_file(&format!(
+        "[tls]\ncert_file = {:?}\nkey_file = {:?}\nhandshake_timeout_ms = 500\n",
+        d.join("front.crt").to_string_lossy(),
+        d.join("front.key").to_string_lossy(),
+    ));
+    let px = Proxy::start_unready(
+        &[support::shared_standalone().addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    assert!(support::eventually(Duration::from_secs(20), || {
+        px.admin_get("/readyz").0 == 200
+    }));
+    let silent = std::thread::spawn({
+        let addr = px.addr();
+        move || plaintext_exchange(&addr, b"")
+    });
+    assert_eq!(
+        tls_cli(d, &px, &["--cacert", "front-ca.crt"], &["PING"]),
+        (true, "PONG\n".to_string())
+    );
+    assert!(silent.join().unwrap().is_empty());
+}
+
+/// Sends `bytes` on a plain TCP connection and returns what comes back before the
+/// proxy closes it (a reset counts as a close); panics if it stays open for 10 s.
+fn plaintext_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    sock.write_all(bytes).expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                panic!("the proxy kept a plaintext connection open: {got:?}")
+            }
+            Err(_) => return got,
+        }
+    }
 }

@@ -375,17 +375,26 @@ impl RedisCluster {
     /// The masters that currently own slots, in slot order, as reported by the first live node
     /// that answers. A killed master stays listed until the cluster has failed over.
     pub fn master_addrs(&self) -> Vec<String> {
+        let mut masters: Vec<String> = Vec::new();
+        for (_, _, master) in self.slot_owners() {
+            if !masters.contains(&master) {
+                masters.push(master);
+            }
+        }
+        masters
+    }
+
+    /// `(first slot, last slot, master address)` of every slot range, in slot order, as
+    /// reported by the first live node that answers (the same view as [`Self::master_addrs`]).
+    pub fn slot_owners(&self) -> Vec<(u16, u16, String)> {
         let mut errors = Vec::new();
         for node in self.live_nodes() {
             match query(&node.addr(), &["CLUSTER", "SLOTS"]).and_then(|v| slot_ranges(&v)) {
                 Ok(ranges) => {
-                    let mut masters: Vec<String> = Vec::new();
-                    for range in ranges {
-                        if !masters.contains(&range.master) {
-                            masters.push(range.master);
-                        }
-                    }
-                    return masters;
+                    return ranges
+                        .into_iter()
+                        .map(|r| (r.start, r.end, r.master))
+                        .collect();
                 }
                 Err(e) => errors.push(format!("{}: {e}", node.addr())),
             }
@@ -1486,6 +1495,23 @@ print(c.head_object(Bucket=sys.argv[2], Key=sys.argv[3]).get('ServerSideEncrypti
         self.stopped = true;
         stop_supervised(&mut self.watchdog, self.server_pid);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// Sends a signal (a `kill(1)` name: `STOP` freezes the server, keeping its
+    /// connections and its state; `CONT` thaws it). Stopping it ([`S3Server::stop`]) or
+    /// dropping it still works on a frozen server: SIGKILL needs no cooperation.
+    pub fn signal(&self, sig: &str) {
+        assert!(!self.stopped, "kill -{sig}: the S3 server was stopped");
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.server_pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill -{sig}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{sig} {} (the S3 server) failed: {status}",
+            self.server_pid
+        );
     }
 }
 
