@@ -154,8 +154,14 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
     match (&px.front_tls, new.tls.enabled() == old.tls.enabled()) {
         (Some(tls), true) => match tls.reload(&new.tls) {
             Ok(()) => {
-                live.tls = new.tls.clone();
+                live.tls = crate::config::TlsConfig {
+                    handshake_timeout_ms: old.tls.handshake_timeout_ms,
+                    ..new.tls.clone()
+                };
                 out.applied.push("tls (certificate, key, client CA)");
+                if new.tls.handshake_timeout_ms != old.tls.handshake_timeout_ms {
+                    out.needs_restart.push("tls.handshake_timeout_ms");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; keeping the running ones");

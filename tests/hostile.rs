@@ -180,6 +180,11 @@ fn unauthenticated_clients_get_the_tighter_limits() {
             "a command before AUTH",
             b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec(),
         ),
+        // Empty frames before AUTH in the same packet: the AUTH is still answered.
+        (
+            "empty frames, then AUTH",
+            b"\r\n*0\r\nAUTH pw\r\nPING\r\n".to_vec(),
+        ),
     ];
     for (what, bytes) in cases {
         let want = exchange(&redis.addr(), &bytes, Duration::from_millis(500));
@@ -295,6 +300,25 @@ fn read_only_users_get_noperm_for_writes() {
         );
     }
     assert!(s(via.cmd(&["TIERPROXY.TAG", k, "t"])).starts_with("-NOPERM"));
+    // PFCOUNT has a read-write key spec but the readonly flag: a read.
+    assert_eq!(s(via.cmd(&["PFCOUNT", k])), s(direct.cmd(&["PFCOUNT", k])));
+    // Administration that would run with the proxy's own upstream credentials, and the
+    // proxy's resets, are refused; its local read-only admin commands are not.
+    for (cmd, name) in [
+        (vec!["ACL", "SETUSER", "reader", "+@all"], "acl|setuser"),
+        (vec!["CONFIG", "RESETSTAT"], "config|resetstat"),
+        (vec!["SLOWLOG", "RESET"], "slowlog|reset"),
+        (vec!["TIERPROXY.L1", "FLUSH"], "tierproxy.l1|flush"),
+    ] {
+        assert_eq!(
+            s(via.cmd(&cmd)),
+            format!("-NOPERM this user has no permissions to run the '{name}' command\r\n"),
+            "{cmd:?}"
+        );
+    }
+    assert!(s(via.cmd(&["CONFIG", "GET", "maxclients"])).starts_with("*2\r\n"));
+    // Arity comes first, for the proxy's own commands too.
+    assert!(s(via.cmd(&["TIERPROXY.INVALIDATE"])).starts_with("-ERR wrong number of arguments"));
     assert!(metric(&px, "tierproxy_noperm_total") >= 7.0);
 
     let mut writer = Resp::connect(&px.addr());

@@ -242,6 +242,7 @@ where
             proto_max_bulk_len: cfg.proto_max_bulk_len as i64,
             unauthenticated: !sess.authenticated,
         };
+        let unparsed = io.inbuf.len();
         let parse_err = parse_batch(
             &mut io.inbuf,
             limits,
@@ -251,6 +252,11 @@ where
         )
         .err();
         if reqs.is_empty() && parse_err.is_none() {
+            // Only empty frames (`*0`, blank lines) were consumed: what follows them may
+            // be complete already, so parse again before waiting for input.
+            if io.inbuf.len() < unparsed {
+                continue;
+            }
             if io.inbuf.len() as u64 > cfg.query_buffer_limit {
                 tracing::warn!(client = %sess.entry.addr, "closing client that reached max query buffer length");
                 return Ok(());
@@ -534,7 +540,7 @@ where
         if !q.silent {
             v.encode(q.proto, out);
         }
-        if out.len() >= out_limit && i + 1 < total {
+        if out.len() >= out_limit {
             if let Err(e) = write_out(wr, out, outbox, stall).await {
                 crate::metrics::INFLIGHT_NOW.fetch_sub((total - i - 1) as i64, Ordering::Relaxed);
                 return Err(e);

@@ -69,6 +69,9 @@ pub struct Partial {
     pos: usize,
     /// The arguments parsed so far.
     ranges: Vec<(usize, usize)>,
+    /// Parsed under the unauthenticated limits: a change of auth state (AUTH, RESET)
+    /// makes the request be parsed again from its start, under the new limits.
+    unauthenticated: bool,
 }
 
 /// Per-connection parser state: the partial request, if any.
@@ -99,7 +102,11 @@ pub fn parse_batch(
     let mut ranges: Vec<(usize, usize)> = Vec::new();
     let mut pos = 0usize;
     let mut result = Ok(());
-    if let Some(p) = state.partial.take() {
+    if let Some(p) = state
+        .partial
+        .take()
+        .filter(|p| p.unauthenticated == limits.unauthenticated)
+    {
         if max == 0 {
             state.partial = Some(p);
             return Ok(());
@@ -115,6 +122,7 @@ pub fn parse_batch(
                     count: p.count,
                     pos: at,
                     ranges,
+                    unauthenticated: p.unauthenticated,
                 });
                 return Ok(());
             }
@@ -139,6 +147,7 @@ pub fn parse_batch(
                             .iter()
                             .map(|&(s, e)| (s - pos, e - pos))
                             .collect(),
+                        unauthenticated: limits.unauthenticated,
                     });
                 }
                 ranges.truncate(mark);

@@ -18,7 +18,7 @@ use crate::upstream::{key_slot, Mode, Target};
 use crate::Proxy;
 
 /// Arity (Redis's convention: negative = at least) of every command answered here.
-fn local_arity(name: &str) -> Option<i64> {
+pub(crate) fn local_arity(name: &str) -> Option<i64> {
     Some(match name {
         "ping" | "quit" | "hello" | "info" => -1,
         "echo" | "select" => 2,

@@ -115,7 +115,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     sess.level = Level::L2;
 
     if sess.readonly {
-        if let Some(refused) = readonly_refuses(name, &lookup, req.args.len()) {
+        if let Some(refused) = readonly_refuses(name, &lookup, &req.args) {
             crate::metrics::NOPERM_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             // Inside MULTI the refusal aborts the transaction, as Redis's ACL check does.
             sess.txn.refuse_queued();
@@ -250,24 +250,50 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     p
 }
 
-/// For a read-only user: the name to quote in NOPERM if this command may change data.
-/// Commands with Redis's `write` flag, scripts and functions that may write (EVAL,
-/// EVALSHA, FCALL; their `_RO` forms are allowed), and the proxy's own key-deleting
-/// commands. Checked after arity, as Redis does (a wrong arity still
-/// gets the arity error).
-fn readonly_refuses(name: &[u8], lookup: &Option<Lookup>, argc: usize) -> Option<String> {
+/// For a read-only user: the name to quote in NOPERM if this command may change data
+/// or state. Checked after arity, as Redis does (a wrong arity still gets the arity
+/// error). Refused:
+/// - Redis's `write` flag, and commands that may write without it: EVAL, EVALSHA and
+///   FCALL (`may_replicate` or read-write key specs, no `readonly` flag). Their `_RO`
+///   forms, PFCOUNT (`readonly` with a read-write key spec) and PUBLISH stay allowed.
+/// - administration forwarded to Redis (ACL, MODULE, …), which would run with the proxy's
+///   own upstream credentials, and the proxy's resets (CONFIG RESETSTAT, SLOWLOG RESET);
+///   the proxy's local read-only admin commands (CONFIG GET, CLIENT LIST) stay allowed.
+/// - the proxy's TIERPROXY.TAG, TIERPROXY.INVALIDATE and TIERPROXY.L1 FLUSH.
+fn readonly_refuses(name: &[u8], lookup: &Option<Lookup>, args: &[Bytes]) -> Option<String> {
+    let argc = args.len();
     match lookup {
-        // may_write: the write flag, scripts (`may_replicate`, or EVAL's and FCALL's
-        // read-write key specs), less PUBLISH, which replicates but changes no data.
         Some(Lookup::Found(info)) if info.arity_ok(argc) => {
-            (info.may_write() && !info.flags.pubsub).then(|| info.name.clone())
+            let f = &info.flags;
+            let writes = f.write || (!f.readonly && !f.pubsub && info.may_write());
+            let admin = f.admin
+                && (info.policy != Policy::Local
+                    || matches!(info.name.as_str(), "config|resetstat" | "slowlog|reset"));
+            (writes || admin).then(|| info.name.clone())
         }
-        _ => match name {
-            b"tierproxy.tag" | b"tierproxy.invalidate" => {
-                Some(String::from_utf8_lossy(name).into_owned())
-            }
-            _ => None,
-        },
+        Some(Lookup::Found(_)) => None,
+        _ => {
+            let full = match name {
+                b"tierproxy.tag" | b"tierproxy.invalidate" => {
+                    String::from_utf8_lossy(name).into_owned()
+                }
+                b"tierproxy.l1"
+                    if args
+                        .get(1)
+                        .is_some_and(|a| a.eq_ignore_ascii_case(b"flush")) =>
+                {
+                    "tierproxy.l1|flush".to_string()
+                }
+                _ => return None,
+            };
+            let arity = local::local_arity(&full)?;
+            let fits = if arity >= 0 {
+                argc as i64 == arity
+            } else {
+                argc as i64 >= -arity
+            };
+            fits.then_some(full)
+        }
     }
 }
 

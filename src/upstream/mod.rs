@@ -411,7 +411,8 @@ impl Upstream {
         mut err: Error,
         deadline: &mut Option<Instant>,
     ) -> Result<(Arc<PipeConn>, ReplyRx), Error> {
-        if !matches!(target, Target::Slot(_) | Target::Any)
+        if !unavailable(&err)
+            || !matches!(target, Target::Slot(_) | Target::Any)
             || self.mode() != Some(Mode::Cluster)
             || self.settings.failover_wait.is_zero()
         {
@@ -502,10 +503,20 @@ impl Upstream {
     }
 
     /// Queues a request on its node's connection without waiting for the reply.
+    /// A request whose master is unreachable waits here for a failover
+    /// ([`Self::wait_for_failover`]): the caller dispatches nothing after it meanwhile, so
+    /// a pipeline's later commands cannot overtake it.
     pub async fn start(&self, target: Target, data: Bytes, proto: Proto, hint: usize) -> Ticket {
         let state = match self.resolve(&target) {
             Ok(node) => self.queue(&node, data.clone(), 0, proto, hint).await,
             Err(e) => Err(e),
+        };
+        let state = match state {
+            Err(e) if unavailable(&e) => {
+                self.wait_for_failover(&target, &data, proto, hint, e, &mut None)
+                    .await
+            }
+            other => other,
         };
         Ticket {
             target,
@@ -527,13 +538,7 @@ impl Upstream {
             state,
         } = t;
         let mut failover: Option<Instant> = None;
-        let (mut conn, mut rx) = match state {
-            Ok(q) => q,
-            Err(e) => {
-                self.wait_for_failover(&target, &data, proto, hint, e, &mut failover)
-                    .await?
-            }
-        };
+        let (mut conn, mut rx) = state?;
         let mut redirects = 0u32;
         loop {
             let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
