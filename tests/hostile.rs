@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{config_file, eventually, shared_standalone, Proxy, RedisServer, Resp};
+use support::{config_file, eventually, exchange, shared_standalone, Proxy, RedisServer, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -25,38 +25,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS")
-}
-
-fn metric(px: &Proxy, name: &str) -> f64 {
-    let (_, body) = px.admin_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Sends `bytes` and collects what comes back until the peer closes the connection
-/// (`true`) or stays silent for `quiet` (`false`).
-fn exchange(addr: &str, bytes: &[u8], quiet: Duration) -> (Vec<u8>, bool) {
-    let mut sock = TcpStream::connect(addr).expect("connect");
-    sock.set_read_timeout(Some(quiet)).unwrap();
-    sock.write_all(bytes).expect("write");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return (got, true),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return (got, false)
-            }
-            Err(_) => return (got, true),
-        }
-    }
 }
 
 fn proxy_in_front_of(addr: String, env: &[(&str, &str)]) -> Proxy {
@@ -319,7 +287,7 @@ fn read_only_users_get_noperm_for_writes() {
     assert!(s(via.cmd(&["CONFIG", "GET", "maxclients"])).starts_with("*2\r\n"));
     // Arity comes first, for the proxy's own commands too.
     assert!(s(via.cmd(&["TIERPROXY.INVALIDATE"])).starts_with("-ERR wrong number of arguments"));
-    assert!(metric(&px, "tierproxy_noperm_total") >= 7.0);
+    assert!(px.metric("tierproxy_noperm_total") >= 7.0);
 
     let mut writer = Resp::connect(&px.addr());
     assert_eq!(s(writer.cmd(&["AUTH", "writer", "wpw"])), "+OK\r\n");
@@ -377,14 +345,14 @@ fn a_client_that_never_reads_is_bounded_and_disconnected() {
             done.store(true, Ordering::Release);
         }
     });
-    let stalls = metric(&px, "tierproxy_client_output_stalls_total");
+    let stalls = px.metric("tierproxy_client_output_stalls_total");
     let started = Instant::now();
     let mut peak = before;
     let closed = eventually(Duration::from_secs(60), || {
         peak = peak.max(rss_kib(px.pid()));
         // Others are served while the slow reader is stuck.
         assert_eq!(s(c.cmd(&["PING"])), "+PONG\r\n");
-        metric(&px, "tierproxy_client_output_stalls_total") > stalls
+        px.metric("tierproxy_client_output_stalls_total") > stalls
     });
     eprintln!(
         "SLOW READER: closed after {:?}; RSS {before} KiB before, peak {peak} KiB",

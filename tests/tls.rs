@@ -312,13 +312,6 @@ fn tls_cli(dir: &Path, px: &Proxy, tls_args: &[&str], cmd: &[&str]) -> (bool, St
     (out.status.success(), text)
 }
 
-fn metric(px: &Proxy, name: &str) -> f64 {
-    let (_, body) = px.admin_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// `--tls-cert`/`--tls-key`: clients connect with TLS (verified against the CA that
 /// signed the proxy's certificate); a plaintext client gets no reply, only a close; a
 /// client that trusts another CA refuses the proxy.
@@ -342,7 +335,7 @@ fn the_client_listener_speaks_tls_only() {
 
     // Plaintext on the TLS listener: the handshake fails and the connection is closed
     // without a RESP reply.
-    let failures = metric(&px, "tierproxy_tls_handshake_failures_total");
+    let failures = px.metric("tierproxy_tls_handshake_failures_total");
     let got = plaintext_exchange(&px.addr(), b"PING\r\n");
     assert!(
         !s(got.clone()).contains("PONG") && !got.starts_with(b"+") && !got.starts_with(b"-"),
@@ -350,7 +343,7 @@ fn the_client_listener_speaks_tls_only() {
         s(got)
     );
     assert!(support::eventually(Duration::from_secs(5), || {
-        metric(&px, "tierproxy_tls_handshake_failures_total") > failures
+        px.metric("tierproxy_tls_handshake_failures_total") > failures
     }));
 
     // A client that does not trust the proxy's CA refuses it.
@@ -468,26 +461,12 @@ fn a_silent_client_is_closed_after_the_handshake_timeout() {
 }
 
 /// Sends `bytes` on a plain TCP connection and returns what comes back before the
-/// proxy closes it (a reset counts as a close); panics if it stays open for 10 s.
+/// proxy closes it; fails if it stays open for 10 s.
 fn plaintext_exchange(addr: &str, bytes: &[u8]) -> Vec<u8> {
-    use std::io::{Read, Write};
-    let mut sock = std::net::TcpStream::connect(addr).expect("connect");
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    sock.write_all(bytes).expect("write");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                panic!("the proxy kept a plaintext connection open: {got:?}")
-            }
-            Err(_) => return got,
-        }
-    }
+    let (got, closed) = support::exchange(addr, bytes, Duration::from_secs(10));
+    assert!(
+        closed,
+        "the proxy kept a plaintext connection open: {got:?}"
+    );
+    got
 }

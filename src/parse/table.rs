@@ -100,12 +100,7 @@ impl CommandInfo {
     }
 
     pub fn arity_ok(&self, argc: usize) -> bool {
-        let argc = argc as i64;
-        if self.arity >= 0 {
-            argc == self.arity
-        } else {
-            argc >= -self.arity
-        }
+        arity_fits(self.arity, argc)
     }
 
     /// Argument indices of the keys in `args` (args[0] is the command name).
@@ -276,6 +271,17 @@ pub enum Lookup {
     Found(Arc<CommandInfo>),
     UnknownSub(Arc<CommandInfo>),
     Unknown,
+}
+
+/// Redis's arity rule: `argc` arguments (the name included) fit `arity` exactly, or at
+/// least `-arity` of them when it is negative.
+pub fn arity_fits(arity: i64, argc: usize) -> bool {
+    let argc = argc as i64;
+    if arity >= 0 {
+        argc == arity
+    } else {
+        argc >= -arity
+    }
 }
 
 pub fn lower(b: &[u8]) -> Vec<u8> {

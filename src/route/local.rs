@@ -13,6 +13,7 @@ use crate::client::session::{ReplyMode, Session};
 use crate::error::Error;
 use crate::parse::reply::{as_str, split_aggregate};
 use crate::parse::request::Request;
+use crate::parse::table::arity_fits;
 use crate::respond::{command_bytes, Proto, Value};
 use crate::upstream::{key_slot, Mode, Target};
 use crate::Proxy;
@@ -72,8 +73,8 @@ pub fn handle_early(
 ) -> Option<Pending> {
     let base = std::str::from_utf8(name).ok()?;
     let arity = local_arity(base)?;
-    let argc = req.args.len() as i64;
-    if (arity >= 0 && argc != arity) || (arity < 0 && argc < -arity) {
+    let argc = req.args.len();
+    if !arity_fits(arity, argc) {
         return Some(Pending::error(Error::arity(base)));
     }
     // PING's table arity is -1, but Redis rejects more than one argument itself.
@@ -102,7 +103,7 @@ pub fn handle_early(
             },
         ));
     };
-    if (sub_arity >= 0 && argc != sub_arity) || (sub_arity < 0 && argc < -sub_arity) {
+    if !arity_fits(sub_arity, argc) {
         return Some(Pending::error(Error::arity(&full)));
     }
     if !sess.authenticated && !matches!(base, "auth" | "hello" | "quit" | "reset") {

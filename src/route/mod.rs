@@ -26,7 +26,7 @@ use bytes::Bytes;
 use crate::client::session::Session;
 use crate::error::Error;
 use crate::parse::request::Request;
-use crate::parse::table::{Lookup, Lowered, Policy};
+use crate::parse::table::{arity_fits, Lookup, Lowered, Policy};
 use crate::respond::Value;
 use crate::upstream::{key_slot, Mode, Target, Ticket};
 use crate::Proxy;
@@ -286,13 +286,7 @@ fn readonly_refuses(name: &[u8], lookup: &Option<Lookup>, args: &[Bytes]) -> Opt
                 }
                 _ => return None,
             };
-            let arity = local::local_arity(&full)?;
-            let fits = if arity >= 0 {
-                argc as i64 == arity
-            } else {
-                argc as i64 >= -arity
-            };
-            fits.then_some(full)
+            arity_fits(local::local_arity(&full)?, argc).then_some(full)
         }
     }
 }

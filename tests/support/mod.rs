@@ -749,6 +749,14 @@ impl Proxy {
             .expect("the proxy printed no admin address (started with --admin-listen \"\"?)")
     }
 
+    /// The value of an unlabelled metric from `/metrics` (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// `GET path` on the admin listener: (status code, body).
     pub fn admin_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(self.admin_addr()).expect("admin listener");
@@ -1522,6 +1530,32 @@ impl Drop for S3Server {
 }
 
 /// The RESP bulk-string encoding of `v` (what a GET of it answers).
+/// Sends raw `bytes` on a new TCP connection and collects what comes back until the peer
+/// closes it (`true`; a reset counts as a close) or stays silent for `quiet` (`false`).
+pub fn exchange(addr: &str, bytes: &[u8], quiet: Duration) -> (Vec<u8>, bool) {
+    let mut sock = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    sock.set_read_timeout(Some(quiet))
+        .expect("set_read_timeout");
+    sock.write_all(bytes).expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return (got, false)
+            }
+            Err(_) => return (got, true),
+        }
+    }
+}
+
 pub fn bulk(v: &[u8]) -> Vec<u8> {
     let mut out = format!("${}\r\n", v.len()).into_bytes();
     out.extend_from_slice(v);
