@@ -14,6 +14,9 @@ pub enum Error {
     /// unknown command's name): Redis echoes them unchanged, and so do we.
     #[error("{}", String::from_utf8_lossy(.0))]
     RedisBytes(Vec<u8>),
+    /// A node's own error reply (raw RESP, simple or blob error), passed on unchanged.
+    #[error("{}", crate::parse::reply::error_text(.0).unwrap_or_default())]
+    NodeReply(bytes::Bytes),
     #[error("upstream {addr}: {source}")]
     Upstream {
         addr: String,
@@ -130,6 +133,7 @@ impl Error {
     pub fn to_reply(&self) -> Value {
         match self {
             Error::Redis(msg) => Value::Error(msg.clone()),
+            Error::NodeReply(raw) => Value::Raw(raw.clone()),
             Error::RedisBytes(msg) => {
                 // As Value::Error does: no line ending inside an error line.
                 let mut raw = Vec::with_capacity(msg.len() + 3);

@@ -48,14 +48,10 @@ async fn fan_out(
     name: &str,
     req: &Request,
 ) -> Result<Value, Error> {
-    let replies = match px
+    let replies = px
         .upstream
         .on_every_master(req.raw.clone(), proto, hint)
-        .await?
-    {
-        Ok(r) => r,
-        Err(error_reply) => return Ok(Value::Raw(error_reply)),
-    };
+        .await?;
     match name {
         "dbsize" => {
             let mut sum = 0;

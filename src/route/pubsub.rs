@@ -788,14 +788,10 @@ pub fn info(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pendin
                     .await
                     .map(Value::Raw);
             }
-            let replies = match px
+            let replies = px
                 .upstream
                 .on_every_master(req.raw.clone(), proto, hint)
-                .await?
-            {
-                Ok(r) => r,
-                Err(error_reply) => return Ok(Value::Raw(error_reply)),
-            };
+                .await?;
             let bad = || Error::proxy(format!("unexpected {name} reply"));
             match name.as_str() {
                 "pubsub|numpat" => {

@@ -88,14 +88,10 @@ pub fn fan_out(px: &Arc<Proxy>, sess: &Session, name: &str, req: Request) -> Pen
             if name == "script|flush" {
                 px.scripts.clear();
             }
-            let replies = match px
+            let replies = px
                 .upstream
                 .on_every_master(req.raw.clone(), proto, hint)
-                .await?
-            {
-                Ok(r) => r,
-                Err(error_reply) => return Ok(Value::Raw(error_reply)),
-            };
+                .await?;
             let Some(first) = replies.first().cloned() else {
                 return Err(Error::NoTopology("no masters known".into()));
             };

@@ -623,14 +623,14 @@ impl Upstream {
     }
 
     /// The same request on every master, all sent before any reply is awaited; the
-    /// replies in master order. An error reply from a node is returned as `Err(reply)`
-    /// inside `Ok`, so callers pass Redis's error through unchanged.
+    /// replies in master order. The first node's error reply is `Error::NodeReply`, so
+    /// callers pass Redis's error through unchanged with `?`.
     pub async fn on_every_master(
         &self,
         data: Bytes,
         proto: Proto,
         hint: usize,
-    ) -> Result<Result<Vec<Bytes>, Bytes>, Error> {
+    ) -> Result<Vec<Bytes>, Error> {
         let masters = self.topology()?.masters.clone();
         let mut tickets = Vec::with_capacity(masters.len());
         for n in masters {
@@ -640,10 +640,10 @@ impl Upstream {
         for t in tickets {
             replies.push(self.finish(t).await?);
         }
-        Ok(match replies.iter().find(|r| error_text(r).is_some()) {
-            Some(e) => Err(e.clone()),
+        match replies.iter().find(|r| error_text(r).is_some()) {
+            Some(e) => Err(Error::NodeReply(e.clone())),
             None => Ok(replies),
-        })
+        }
     }
 
     /// Points one slot at its new owner right away, before the full refresh lands.
