@@ -1145,6 +1145,18 @@ struct S3Load {
     broken: Option<String>,
 }
 
+impl S3Load {
+    /// Keeps the request's outcome; after an error, pauses so a failing client does not
+    /// spin.
+    fn record(&mut self, op: Op) {
+        let failed = op.error.is_some();
+        self.ops.push(op);
+        if failed {
+            thread::sleep(ERROR_PAUSE);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     sets_acked: usize,
@@ -1196,17 +1208,13 @@ fn s3_writer(load: &SpillLoad, addr: &str, mine: &[usize]) -> S3Load {
                     ));
                 }
             }
-            let failed = error.is_some();
-            out.ops.push(Op {
+            out.record(Op {
                 set: true,
                 sent_phase,
                 phase,
                 latency,
                 error,
             });
-            if failed {
-                thread::sleep(ERROR_PAUSE);
-            }
         }
     }
     if out.broken.is_none() {
@@ -1274,17 +1282,13 @@ fn s3_reader(load: &SpillLoad, addr: &str, first: usize) -> S3Load {
                     PHASES[phase]
                 ));
             }
-            let failed = error.is_some();
-            out.ops.push(Op {
+            out.record(Op {
                 set: false,
                 sent_phase,
                 phase,
                 latency,
                 error,
             });
-            if failed {
-                thread::sleep(ERROR_PAUSE);
-            }
         }
     }
     if out.broken.is_none() {
