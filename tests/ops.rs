@@ -512,6 +512,53 @@ fn metrics_commandstats_and_slowlog_count_a_known_workload() {
     assert!(!s(c.cmd(&["INFO", "commandstats"])).contains("cmdstat_set"));
 }
 
+/// A node that stops answering (frozen, its connections open): every request waiting on
+/// it gets the timeout error after `request_timeout_ms` (the connection's watchdog
+/// checks every eighth of it), the client connection stays usable, and service resumes
+/// on a fresh upstream connection once the node answers again.
+#[test]
+fn frozen_upstream_times_out_every_waiting_request() {
+    let redis = RedisServer::start();
+    let px = Proxy::start(
+        &[redis.addr()],
+        &[
+            "--config",
+            write_config("[upstream]\nrequest_timeout_ms = 1000\n")
+                .path()
+                .to_str()
+                .unwrap(),
+        ],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["SET", "frozen", "v"])), "+OK\r\n");
+    redis.signal("STOP");
+    let start = Instant::now();
+    c.send_raw("*2\r\n$3\r\nGET\r\n$6\r\nfrozen\r\n".repeat(5).as_bytes());
+    let replies: Vec<String> = (0..5).map(|_| s(c.read_reply())).collect();
+    let took = start.elapsed();
+    redis.signal("CONT");
+    for r in &replies {
+        assert!(
+            r.starts_with("-ERR tierproxy: upstream") && r.contains("no reply within 1000 ms"),
+            "{r}"
+        );
+    }
+    assert!(
+        took >= Duration::from_millis(1000),
+        "timed out early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "timed out late: {took:?}"
+    );
+    assert_eq!(s(c.cmd(&["PING"])), "+PONG\r\n");
+    assert!(support::eventually(Duration::from_secs(5), || s(
+        c.cmd(&["GET", "frozen"])
+    )
+        == "$1\r\nv\r\n"));
+}
+
 #[test]
 fn readyz_follows_the_cluster_stopping_and_starting() {
     let cluster = support::RedisCluster::start(3, 0);

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod session;
 pub mod tls;
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,7 +152,7 @@ struct Queued {
 }
 
 /// Counts a reply that was resolved: commandstats, the duration histogram, the slow log.
-fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool) {
+fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool, now: Instant) {
     crate::metrics::INFLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
     let error = match v {
         Value::Error(e) => Some(e.as_bytes()),
@@ -162,7 +163,7 @@ fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool) {
         px.stats.errors.fetch_add(1, Ordering::Relaxed);
         crate::metrics::count_error(e);
     }
-    let micros = q.started.elapsed().as_micros() as u64;
+    let micros = now.saturating_duration_since(q.started).as_micros() as u64;
     let level = if crate::metrics::take_store_read() {
         Level::L3
     } else {
@@ -342,12 +343,14 @@ where
     // for the next batch, and a client that went away abandons a blocking command
     // instead of pinning its upstream connection until the command times out.
     let mut client_gone = false;
+    // One clock read per batch, and again after each barrier: a command's time starts
+    // at the later of this and the previous reply's resolution (see `drain`).
+    let mut started = Instant::now();
     for req in reqs.drain(..) {
         let is_client_reply = req.args.len() == 3
             && req.args[0].eq_ignore_ascii_case(b"client")
             && req.args[1].eq_ignore_ascii_case(b"reply");
         let before = sess.reply_mode;
-        let started = Instant::now();
         let raw = px.slowlog.enabled().then(|| req.raw.clone());
         let p = route::dispatch(px, sess, req).await;
         crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
@@ -377,8 +380,11 @@ where
             started,
             raw,
         });
-        if barrier && !drain(px, io, &mut client_gone, sess).await? {
-            return Ok(false);
+        if barrier {
+            if !drain(px, io, &mut client_gone, sess).await? {
+                return Ok(false);
+            }
+            started = Instant::now();
         }
         if sess.closing {
             break;
@@ -441,7 +447,7 @@ async fn write_all_watched<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     async fn watched<T>(
         stall: Option<Duration>,
-        f: impl std::future::Future<Output = std::io::Result<T>>,
+        f: impl Future<Output = std::io::Result<T>>,
     ) -> std::io::Result<T> {
         match stall {
             // The timer is only armed if the write has to wait.
@@ -512,15 +518,28 @@ where
         let blocking = p.is_blocking();
         let resolve = p.resolve(px);
         tokio::pin!(resolve);
-        let v = loop {
-            tokio::select! {
-                biased;
-                v = &mut resolve => break Some(v),
-                r = rd.read_buf(inbuf), if !*client_gone && (inbuf.len() as u64) < limit => {
-                    if matches!(r, Ok(0) | Err(_)) {
-                        *client_gone = true;
-                        if blocking {
-                            break None;
+        // Most replies are in by now: only a reply still on its way needs the socket
+        // watched beside it.
+        let ready = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match resolve.as_mut().poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await;
+        let v = if ready.is_some() {
+            ready
+        } else {
+            loop {
+                tokio::select! {
+                    biased;
+                    v = &mut resolve => break Some(v),
+                    r = rd.read_buf(inbuf), if !*client_gone && (inbuf.len() as u64) < limit => {
+                        if matches!(r, Ok(0) | Err(_)) {
+                            *client_gone = true;
+                            if blocking {
+                                break None;
+                            }
                         }
                     }
                 }
@@ -531,8 +550,9 @@ where
             crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return Ok(false);
         };
-        account(px, &q, &v, sess, blocking);
-        prev_done = Some(Instant::now());
+        let now = Instant::now();
+        account(px, &q, &v, sess, blocking, now);
+        prev_done = Some(now);
         // Messages that arrived before this reply go out before it.
         if let Some(o) = outbox {
             o.drain_into(out);

@@ -38,6 +38,9 @@ pub type BoxFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
 pub enum Pending {
     Ready(Value),
     Forwarded(Ticket),
+    /// A forwarded read whose reply may carry spill stubs (GET, MGET, …): resolved like
+    /// `Forwarded`, then any stub is replaced by its value. No box for the common case.
+    Values(Ticket),
     Later(BoxFuture),
     /// A command that may wait indefinitely on its own upstream connection; abandoned
     /// (and that connection closed) if the client goes away meanwhile. Deferred too.
@@ -57,6 +60,10 @@ impl Pending {
             Pending::Ready(v) => v,
             Pending::Forwarded(t) => match px.upstream.finish(t).await {
                 Ok(raw) => Value::Raw(raw),
+                Err(e) => e.to_reply(),
+            },
+            Pending::Values(t) => match px.upstream.finish(t).await {
+                Ok(raw) => spill::resolved(px, raw).await,
                 Err(e) => e.to_reply(),
             },
             Pending::Later(f) | Pending::Blocking(f) | Pending::Deferred(f) => f.await,
@@ -211,16 +218,16 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
     let Some(spill) = px.spill.clone() else {
         return with_l1(px, sess, &info, req).await;
     };
-    let name = info.name.clone();
+    let name = info.name.as_str();
     if matches!(
-        name.as_str(),
+        name,
         "strlen" | "getrange" | "substr" | "append" | "setrange"
     ) {
         let guard = match (&px.l1, info.may_write()) {
             (Some(l1), true) => Some((l1.clone(), l1.begin_write(vec![req.args[1].clone()]))),
             _ => None,
         };
-        let p = spill::string_op(px, sess.proto, sess.hint(), &name, req).await;
+        let p = spill::string_op(px, sess.proto, sess.hint(), name, req).await;
         return match guard {
             Some((l1, guard)) => cache::after_write(px, &l1, guard, false, p),
             None => p,
@@ -233,7 +240,8 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         }
         return spill::lcs(px, sess.proto, sess.hint(), req).await;
     }
-    if !spill::value_positions(&name, req.args.len()).is_empty() {
+    if spill::has_value_positions(name, req.args.len()) {
+        let name = info.name.clone();
         let original_args = req.args.clone();
         let (req, objects) = match spill::prepare_write(&spill, &name, req).await {
             Ok(r) => r,
@@ -244,7 +252,7 @@ pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pend
         return spill::finish_write(px, name, original_args, objects, proto, p);
     }
     let (p, resolved) = with_l1_resolving(px, sess, &info, req).await;
-    if spill::returns_values(&name) && !resolved {
+    if spill::returns_values(name) && !resolved {
         return spill::resolving(px, sess.proto, p);
     }
     p

@@ -16,6 +16,16 @@ use crate::upstream::{key_slot, Target};
 use crate::Proxy;
 
 /// Argument positions of the values a string write stores.
+/// Whether [`value_positions`] is non-empty, without allocating.
+pub fn has_value_positions(name: &str, argc: usize) -> bool {
+    match name {
+        "set" | "setnx" | "getset" => argc >= 3,
+        "setex" | "psetex" => argc == 4,
+        "mset" | "msetnx" => argc > 2,
+        _ => false,
+    }
+}
+
 pub fn value_positions(name: &str, argc: usize) -> Vec<usize> {
     match name {
         "set" | "setnx" | "getset" if argc >= 3 => vec![2],
@@ -117,6 +127,28 @@ pub fn finish_write(
 }
 
 /// Resolves any stub in a bulk reply, or in the elements of an array reply.
+/// A forwarded reply with its stubs (if any) replaced by their values. The store is
+/// only touched, and the future only boxed, when a stub is there.
+pub async fn resolved(px: &Proxy, raw: Bytes) -> Value {
+    match px.spill.as_ref() {
+        Some(spill) if may_hold_stub(&raw) => match Box::pin(resolve_reply(spill, raw)).await {
+            Ok(b) => Value::Raw(b),
+            Err(e) => e.to_reply(),
+        },
+        _ => Value::Raw(raw),
+    }
+}
+
+/// Whether a reply may contain a stub: a bulk string or an array of them that holds one.
+fn may_hold_stub(raw: &Bytes) -> bool {
+    match raw.first() {
+        Some(b'$') => as_str(raw).is_some_and(stub::is_stub),
+        Some(b'*') => split_aggregate(raw)
+            .is_some_and(|items| items.iter().any(|i| as_str(i).is_some_and(stub::is_stub))),
+        _ => false,
+    }
+}
+
 pub async fn resolve_reply(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
     match raw.first() {
         Some(b'$') => resolve_bulk(spill, raw).await,
@@ -156,6 +188,10 @@ async fn resolve_bulk(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
 
 /// Wraps a read whose reply may carry stubs.
 pub fn resolving(px: &Arc<Proxy>, proto: Proto, p: Pending) -> Pending {
+    let p = match p {
+        Pending::Forwarded(t) => return Pending::Values(t),
+        other => other,
+    };
     let px = px.clone();
     p.then(move |p| async move {
         let raw = p.resolve(&px).await.to_bytes(proto);

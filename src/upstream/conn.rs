@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,6 +56,9 @@ pub struct ConnOpts {
     pub tracking_redirect: Option<i64>,
     /// A tracked connection that closes takes its tracked keys with it: L1 must flush.
     pub on_close: Option<OnClose>,
+    /// `upstream.request_timeout_ms`: a connection whose oldest request has waited this
+    /// long fails every request on it with `Timeout` and closes (see [`watchdog`]).
+    pub request_timeout: Option<Duration>,
 }
 
 struct Req {
@@ -68,13 +71,15 @@ struct Req {
 struct Waiter {
     skip: u8,
     tx: ReplyTx,
+    /// When its bytes were handed to the socket (one clock read per written batch).
+    sent: Instant,
 }
 
 pub struct PipeConn {
     pub addr: Arc<str>,
     tx: mpsc::UnboundedSender<Req>,
     closed: Arc<CloseState>,
-    tasks: [AbortHandle; 2],
+    tasks: [AbortHandle; 3],
 }
 
 struct CloseState {
@@ -145,16 +150,26 @@ impl PipeConn {
         let reader = tokio::spawn(read_loop(
             rd,
             buf,
-            queue,
+            queue.clone(),
             CloseOnDrop(closed.clone()),
             writer.abort_handle(),
+            addr.into(),
+        ));
+        let dog = tokio::spawn(watchdog(
+            queue,
+            opts.request_timeout,
+            reader.abort_handle(),
             addr.into(),
         ));
         Ok(PipeConn {
             addr: addr.into(),
             tx,
             closed,
-            tasks: [writer.abort_handle(), reader.abort_handle()],
+            tasks: [
+                writer.abort_handle(),
+                reader.abort_handle(),
+                dog.abort_handle(),
+            ],
         })
     }
 
@@ -315,9 +330,19 @@ async fn write_loop(
         if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
+        // Let the other tasks that are ready now (typically other clients whose
+        // requests just arrived) queue theirs first, so one write carries them all.
+        tokio::task::yield_now().await;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
         out.clear();
         {
             // Waiters are queued before the bytes leave, so a reply always finds one.
+            let sent = Instant::now();
             let mut q = match queue.lock() {
                 Ok(q) => q,
                 Err(poisoned) => poisoned.into_inner(),
@@ -327,6 +352,7 @@ async fn write_loop(
                 q.push_back(Waiter {
                     skip: req.skip,
                     tx: req.tx,
+                    sent,
                 });
             }
         }
@@ -401,6 +427,47 @@ async fn read_loop(
                 return;
             }
         }
+    }
+}
+
+/// Enforces `upstream.request_timeout_ms` for every request on the connection with one
+/// timer, instead of one per request: every `timeout / 8` it looks at the oldest
+/// waiter, and if that one has waited `timeout` or longer, fails every waiter with
+/// `Timeout` and ends the connection (a node that stopped answering would only make
+/// every later request time out too). A request therefore fails between `timeout` and
+/// `timeout * 9 / 8` after it was sent.
+async fn watchdog(
+    queue: Arc<Mutex<VecDeque<Waiter>>>,
+    timeout: Option<Duration>,
+    reader: AbortHandle,
+    addr: Arc<str>,
+) {
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
+    let ms = timeout.as_millis() as u64;
+    let tick = (timeout / 8).max(Duration::from_millis(1));
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let expired: Vec<Waiter> = {
+            let mut q = match queue.lock() {
+                Ok(q) => q,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            match q.front() {
+                Some(w) if w.sent.elapsed() >= timeout => q.drain(..).collect(),
+                _ => continue,
+            }
+        };
+        tracing::warn!(upstream = %addr, waiting = expired.len(), timeout_ms = ms, "request timed out; closing connection");
+        for w in expired {
+            let _ = w.tx.send(Err(UpstreamError::Timeout(ms)));
+        }
+        // The reader takes the writer with it, and both mark the connection closed.
+        reader.abort();
+        return;
     }
 }
 

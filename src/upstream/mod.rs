@@ -213,6 +213,7 @@ impl Node {
             on_close: Some(Arc::new(move || {
                 flush.flush_unsure("tracked data connection closed")
             })),
+            request_timeout: None,
         })
     }
 
@@ -243,6 +244,10 @@ impl Node {
         }
         let connected = match self.conn_opts(s).await {
             Ok(opts) => {
+                let opts = ConnOpts {
+                    request_timeout: Some(s.request_timeout),
+                    ..opts
+                };
                 PipeConn::connect(&self.addr, proto, &s.handshake, s.connect_timeout, opts).await
             }
             Err(e) => Err(e),
@@ -541,31 +546,26 @@ impl Upstream {
         let (mut conn, mut rx) = state?;
         let mut redirects = 0u32;
         loop {
-            let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
+            // No timer per request: the connection's watchdog fails its requests with
+            // `Timeout` (and closes it) once the oldest has waited request_timeout.
+            let reply = match rx.await {
                 Err(_) => {
-                    conn.kill();
-                    self.request_refresh();
-                    return Err(Error::Upstream {
-                        addr: conn.addr.to_string(),
-                        source: UpstreamError::Timeout(
-                            self.settings.request_timeout.as_millis() as u64
-                        ),
-                    });
-                }
-                Ok(Err(_)) => {
                     self.request_refresh();
                     return Err(Error::Upstream {
                         addr: conn.addr.to_string(),
                         source: UpstreamError::ConnectionLost,
                     });
                 }
-                Ok(Ok(Err(e))) => {
+                Ok(Err(e)) => {
+                    if matches!(e, UpstreamError::Timeout(_)) {
+                        self.request_refresh();
+                    }
                     return Err(Error::Upstream {
                         addr: conn.addr.to_string(),
                         source: e,
-                    })
+                    });
                 }
-                Ok(Ok(Ok(reply))) => reply,
+                Ok(Ok(reply)) => reply,
             };
             let Some(redirect) = Redirect::parse(&reply) else {
                 if reply.starts_with(b"-CLUSTERDOWN") {

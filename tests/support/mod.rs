@@ -149,6 +149,16 @@ impl RedisServer {
         self.port
     }
 
+    /// Sends a signal to the server (`STOP` freezes it with its connections open).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.server_pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} {}", self.server_pid);
+    }
+
     /// Starts a server, moving to a fresh port whenever another process won the race for one.
     fn launch(extra: &[&str], cluster: bool) -> RedisServer {
         let mut failures = Vec::new();
