@@ -892,7 +892,7 @@ const PHASES: [&str; 8] = [
 ];
 
 /// S3 slow and then gone while writers SET large (spilled) values and readers GET them, each
-/// on one held connection: (a) normal; (b) the S3 server frozen with SIGSTOP for 4 s: SETs
+/// on one held connection: (a) normal; (b) the S3 server frozen with SIGSTOP for 5 s: SETs
 /// fail within `l3.timeout_ms` plus a margin, they do not hang; (c) thawed: every SET is
 /// acknowledged again; (d) the S3 server killed for 3 s and restarted empty: SETs fail;
 /// (e) normal again: every SET is acknowledged. Every value is derived from its key and
@@ -943,7 +943,9 @@ fn s3_down_or_slow_during_spill_traffic_loses_no_acknowledged_write() {
     thread::sleep(Duration::from_secs(2));
     enter(FROZEN);
     s3.signal("STOP");
-    thread::sleep(Duration::from_secs(4));
+    // A SET that fails while frozen was measured to take up to 2 s (twice l3.timeout_ms):
+    // with 4 s, a writer's SETs could all straddle the phase's edges and none count.
+    thread::sleep(Duration::from_secs(5));
     s3.signal("CONT");
     enter(THAWING);
     let thaw_recovery = wait_for_spilled_write(&px, &probe);
