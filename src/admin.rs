@@ -65,6 +65,12 @@ async fn route(px: &Proxy, path: &str) -> (&'static str, String) {
             if px.draining.load(Ordering::Acquire) {
                 return ("503 Service Unavailable", "draining\n".into());
             }
+            if px.warming.load(Ordering::Acquire) {
+                return (
+                    "503 Service Unavailable",
+                    "warming L1 (l1.warm_before_ready)\n".into(),
+                );
+            }
             match upstream_answers(px).await {
                 Ok(()) => ("200 OK", "ready\n".into()),
                 Err(why) => (

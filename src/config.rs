@@ -61,6 +61,10 @@ pub struct Config {
     pub admin_listen: String,
     /// How long SIGTERM waits for in-flight requests before exiting.
     pub shutdown_timeout_ms: u64,
+    /// Prepended to every key on the way to Redis and stripped from key names on the way
+    /// back (the seed's KeyBuilder prefix, e.g. `mcp:v1:`); empty: none. A user's own
+    /// `namespace` ([[auth.users]]) replaces it for that user.  env TIERPROXY_NAMESPACE
+    pub namespace: String,
     pub upstream: UpstreamConfig,
     pub client: ClientConfig,
     pub tls: TlsConfig,
@@ -70,6 +74,19 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub slowlog: SlowlogConfig,
+    /// The seed's `cache:` block (`l1`, `l2` = upstream, `l3`), accepted in place of the
+    /// top-level sections; moved there by [`Config::load`].
+    #[serde(rename = "cache")]
+    pub seed_cache: Option<SeedCache>,
+}
+
+/// The seed application's `cache:` block, as its YAML files have it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SeedCache {
+    pub l1: Option<L1Config>,
+    pub l2: Option<UpstreamConfig>,
+    pub l3: Option<L3Config>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -199,6 +216,21 @@ pub struct L1Config {
     /// known to be fresh (kept until their TTL) instead of failing. Off by default: the
     /// replies may be stale.
     pub serve_stale_on_error: bool,
+    /// Refresh-ahead: a cached reply read at least `refresh_ahead_min_reads` times while
+    /// less than this fraction of its lifetime is left is re-read in the background (one refresh per key at a time), so hot keys do not
+    /// miss at expiry. 0 = off.
+    pub refresh_ahead_ratio: f64,
+    pub refresh_ahead_min_reads: u32,
+    /// Background refreshes in flight at most; a due refresh beyond it is skipped.
+    pub refresh_ahead_concurrency: usize,
+    /// Warming at start-up: these keys, and the keys matching these SCAN patterns, are
+    /// read into L1 (as GET) in the background. Also `TIERPROXY.L1 WARM`.
+    pub warm_keys: Vec<String>,
+    pub warm_patterns: Vec<String>,
+    /// Warming reads at most this many keys per second.
+    pub warm_keys_per_sec: u64,
+    /// `/readyz` answers 503 until start-up warming is done.
+    pub warm_before_ready: bool,
 }
 
 impl Default for L1Config {
@@ -215,6 +247,13 @@ impl Default for L1Config {
             coherence: "tracking".into(),
             invalidation_channel: "cache:invalidate".into(),
             serve_stale_on_error: false,
+            refresh_ahead_ratio: 0.2,
+            refresh_ahead_min_reads: 2,
+            refresh_ahead_concurrency: 16,
+            warm_keys: Vec::new(),
+            warm_patterns: Vec::new(),
+            warm_keys_per_sec: 1000,
+            warm_before_ready: false,
         }
     }
 }
@@ -372,6 +411,9 @@ pub struct UserConfig {
     /// Refuse commands that write (NOPERM), as an ACL user with `-@write` would be.
     #[serde(default)]
     pub readonly: bool,
+    /// This user's key namespace, instead of the top-level `namespace` (multi-tenant).
+    #[serde(default)]
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -398,6 +440,8 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             slowlog: SlowlogConfig::default(),
+            namespace: String::new(),
+            seed_cache: None,
         }
     }
 }
@@ -548,10 +592,21 @@ impl Config {
                         path.display()
                     )));
                 }
-                figment::Figment::new()
-                    .merge(<figment::providers::Toml as figment::providers::Format>::file(path))
+                use figment::providers::{Format, Toml, Yaml};
+                let yaml = path.extension().is_some_and(|e| {
+                    e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml")
+                });
+                let fig = if yaml {
+                    figment::Figment::new().merge(Yaml::file(path))
+                } else {
+                    figment::Figment::new().merge(Toml::file(path))
+                };
+                let mut cfg = fig
                     .extract::<Config>()
-                    .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?
+                    .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+                cfg.lift_seed_cache()
+                    .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
+                cfg
             }
             None => Config::default(),
         };
@@ -578,6 +633,33 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Moves the seed's `cache:` block (`l1`, `l2`, `l3`) to the top-level sections. A
+    /// section given both ways is an error rather than a silent choice.
+    fn lift_seed_cache(&mut self) -> Result<(), String> {
+        let Some(block) = self.seed_cache.take() else {
+            return Ok(());
+        };
+        if let Some(l1) = block.l1 {
+            if self.l1 != L1Config::default() {
+                return Err("both cache.l1 and [l1] are set; keep one".into());
+            }
+            self.l1 = l1;
+        }
+        if let Some(l2) = block.l2 {
+            if self.upstream != UpstreamConfig::default() {
+                return Err("both cache.l2 and [upstream] are set; keep one".into());
+            }
+            self.upstream = l2;
+        }
+        if let Some(l3) = block.l3 {
+            if self.l3 != L3Config::default() {
+                return Err("both cache.l3 and [l3] are set; keep one".into());
+            }
+            self.l3 = l3;
+        }
+        Ok(())
+    }
+
     /// Environment overrides, using the seed application's names where they exist.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), StartError> {
         if let Some(v) = get("REDIS_ADDR") {
@@ -591,6 +673,9 @@ impl Config {
         }
         if let Some(v) = get("REDIS_USERNAME") {
             self.upstream.username = Some(v);
+        }
+        if let Some(v) = get("TIERPROXY_NAMESPACE") {
+            self.namespace = v;
         }
         if let Some(v) = get("TIERPROXY_LISTEN") {
             self.listen = v;
@@ -830,6 +915,29 @@ impl Config {
         }
         if l1.admit_after_reads == 0 {
             return bad("l1.admit_after_reads", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&l1.refresh_ahead_ratio) {
+            return bad(
+                "l1.refresh_ahead_ratio",
+                format!(
+                    "{}: must be at least 0 and less than 1",
+                    l1.refresh_ahead_ratio
+                ),
+            );
+        }
+        if l1.warm_keys_per_sec == 0 {
+            return bad("l1.warm_keys_per_sec", "must be greater than 0".into());
+        }
+        for (key, ns) in std::iter::once(("namespace", &self.namespace)).chain(
+            self.auth
+                .users
+                .iter()
+                .filter_map(|u| u.namespace.as_ref().map(|n| ("auth.users.namespace", n))),
+        ) {
+            // A brace would change which part of a key Redis hashes (its hash tag).
+            if ns.contains(['{', '}']) {
+                return bad(key, format!("{ns:?}: must not contain braces (hash tags)"));
+            }
         }
         if !matches!(l1.coherence.as_str(), "tracking" | "ttl") {
             return bad(

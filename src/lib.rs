@@ -91,6 +91,8 @@ pub struct Proxy {
     pub started: Instant,
     pub local_port: AtomicU16,
     pub draining: AtomicBool,
+    /// Start-up L1 warming still running with `l1.warm_before_ready`: not ready yet.
+    pub warming: AtomicBool,
     /// Client connections being served right now (for the shutdown drain).
     pub active: AtomicUsize,
     /// Prometheus registry handle (`None` if another recorder was installed first).
@@ -111,6 +113,44 @@ impl Proxy {
 
 /// Binds, serves until `shutdown` resolves, drains, and returns. With a `reload`
 /// loader, SIGHUP re-reads the configuration (see [`reload`]).
+/// Start-up warming (`l1.warm_keys`, `l1.warm_patterns`) in the background, once the
+/// topology is known. With `l1.warm_before_ready`, `/readyz` waits for it.
+fn start_warming(px: &Arc<Proxy>) {
+    let (Some(l1), c) = (px.l1.clone(), &px.cfg.l1) else {
+        return;
+    };
+    if c.warm_keys.is_empty() && c.warm_patterns.is_empty() {
+        return;
+    }
+    // Configured keys are the clients' keys: in the configured namespace.
+    let ns = px.cfg.namespace.as_bytes();
+    let keys = c
+        .warm_keys
+        .iter()
+        .map(|k| bytes::Bytes::from([ns, k.as_bytes()].concat()))
+        .collect();
+    let patterns = c
+        .warm_patterns
+        .iter()
+        .map(|p| route::namespace::pattern_in(ns, p.as_bytes()))
+        .collect();
+    px.warming.store(c.warm_before_ready, Ordering::Release);
+    let px = px.clone();
+    tokio::spawn(async move {
+        while px.upstream.topology().is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let started = Instant::now();
+        let n = route::cache::warm(px.clone(), l1, keys, patterns).await;
+        px.warming.store(false, Ordering::Release);
+        tracing::info!(
+            replies = n,
+            took_ms = started.elapsed().as_millis() as u64,
+            "L1 warming done"
+        );
+    });
+}
+
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
@@ -159,6 +199,7 @@ pub async fn run(
         started: Instant::now(),
         local_port: AtomicU16::new(local.port()),
         draining: AtomicBool::new(false),
+        warming: AtomicBool::new(false),
         active: AtomicUsize::new(0),
         prometheus: metrics::install(),
         scripts: Default::default(),
@@ -182,6 +223,7 @@ pub async fn run(
             ))
         });
     let topo_task = tokio::spawn(upstream::topology::run(upstream));
+    start_warming(&px);
     let admin_task = admin.map(|l| {
         if let Ok(a) = l.local_addr() {
             tracing::info!(addr = %a, "admin listening");

@@ -19,6 +19,9 @@ pub const L1_INVALIDATIONS: &str = "tierproxy_l1_invalidations_total";
 pub const L1_FLUSHES: &str = "tierproxy_l1_flushes_total";
 pub const L1_FILLS_RACED: &str = "tierproxy_l1_fills_raced_total";
 pub const L1_MERGED: &str = "tierproxy_l1_merged_reads_total";
+pub const L1_REFRESHES: &str = "tierproxy_l1_refreshes_total";
+pub const L1_REFRESHES_SKIPPED: &str = "tierproxy_l1_refreshes_skipped_total";
+pub const L1_WARMED: &str = "tierproxy_l1_warmed_total";
 pub const SPILL_WRITES: &str = "tierproxy_spill_writes_total";
 pub const SPILL_BYTES: &str = "tierproxy_spill_bytes_total";
 pub const SPILL_ERRORS: &str = "tierproxy_spill_errors_total";
@@ -352,6 +355,18 @@ pub fn install() -> Option<PrometheusHandle> {
         L1_MERGED,
         "L1 misses that waited for an identical read already in flight."
     );
+    describe_counter!(
+        L1_REFRESHES,
+        "Refresh-ahead reads started for hot L1 replies near their expiry (l1.refresh_ahead_ratio)."
+    );
+    describe_counter!(
+        L1_REFRESHES_SKIPPED,
+        "Refresh-ahead reads that were due but skipped: l1.refresh_ahead_concurrency in flight already."
+    );
+    describe_counter!(
+        L1_WARMED,
+        "Replies loaded into L1 by warming (l1.warm_keys, l1.warm_patterns, TIERPROXY.L1 WARM)."
+    );
     describe_counter!(SPILL_WRITES, "Values spilled to the store.");
     describe_counter!(SPILL_BYTES, "Spill bytes (direction=in: client values spilled; stored: after compression; out: resolved for clients).");
     describe_counter!(SPILL_ERRORS, "Spill store failures and invalid stubs.");
@@ -542,6 +557,9 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
         counter!(L1_FLUSHES).absolute(ld(&st.flushes));
         counter!(L1_FILLS_RACED).absolute(ld(&st.fills_raced));
         counter!(L1_MERGED).absolute(ld(&st.merged));
+        counter!(L1_REFRESHES).absolute(ld(&st.refreshes));
+        counter!(L1_REFRESHES_SKIPPED).absolute(ld(&st.refreshes_skipped));
+        counter!(L1_WARMED).absolute(ld(&st.warmed));
     }
     let mut text = handle.render();
     if let Some(sp) = &px.spill {

@@ -74,6 +74,8 @@ fn with_live_l1(base: &L1Config, from: &L1Config) -> L1Config {
         max_ttl_ms: from.max_ttl_ms,
         admit_after_reads: from.admit_after_reads,
         admit_window_ms: from.admit_window_ms,
+        refresh_ahead_ratio: from.refresh_ahead_ratio,
+        refresh_ahead_min_reads: from.refresh_ahead_min_reads,
         ..base.clone()
     }
 }
@@ -111,7 +113,7 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
                 out.applied.push(if resized {
                     "l1 (sizes: cache emptied, TTLs, admission)"
                 } else {
-                    "l1 (TTLs, value limit, admission)"
+                    "l1 (TTLs, value limit, admission, refresh-ahead)"
                 });
             }
             None => out.needs_restart.push("l1 (disabled at start)"),
@@ -119,7 +121,7 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
     }
     if with_live_l1(&new.l1, &old.l1) != old.l1 {
         out.needs_restart
-            .push("l1 (enabled, coherence, invalidation_channel, serve_stale_on_error)");
+            .push("l1 (enabled, coherence, invalidation_channel, serve_stale_on_error, refresh_ahead_concurrency, warming)");
     }
 
     if old.l3.threshold_bytes != new.l3.threshold_bytes {
@@ -173,6 +175,7 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
 
     for (name, changed) in [
         ("listen", old.listen != new.listen),
+        ("namespace", old.namespace != new.namespace),
         ("admin_listen", old.admin_listen != new.admin_listen),
         (
             "shutdown_timeout_ms",

@@ -16,8 +16,8 @@ pub struct Auth {
 
 struct Users {
     default_hash: Option<[u8; 32]>,
-    /// Name → (password hash, read-only).
-    users: HashMap<String, ([u8; 32], bool)>,
+    /// Name → (password hash, read-only, own namespace).
+    users: HashMap<String, ([u8; 32], bool, Option<String>)>,
 }
 
 /// Who a connection authenticated as.
@@ -26,13 +26,16 @@ pub struct Principal {
     pub name: String,
     /// Write commands are refused with NOPERM.
     pub readonly: bool,
+    /// The user's own key namespace (else the configured `namespace`).
+    pub namespace: Option<String>,
 }
 
 impl Principal {
-    fn default_user() -> Principal {
+    pub fn default_user() -> Principal {
         Principal {
             name: "default".into(),
             readonly: false,
+            namespace: None,
         }
     }
 }
@@ -92,7 +95,10 @@ impl Users {
                 .users
                 .iter()
                 // validate() checked the hex; a bad entry can never match.
-                .filter_map(|u| Some((u.name.clone(), (from_hex(&u.password_sha256)?, u.readonly))))
+                .filter_map(|u| {
+                    let hash = from_hex(&u.password_sha256)?;
+                    Some((u.name.clone(), (hash, u.readonly, u.namespace.clone())))
+                })
                 .collect(),
         }
     }
@@ -120,9 +126,10 @@ impl Users {
             Some(name) => {
                 let name = String::from_utf8_lossy(name);
                 match self.users.get(name.as_ref()) {
-                    Some((h, readonly)) if ct_eq(h, &given) => Ok(Principal {
+                    Some((h, readonly, namespace)) if ct_eq(h, &given) => Ok(Principal {
                         name: name.into_owned(),
                         readonly: *readonly,
+                        namespace: namespace.clone(),
                     }),
                     _ => Err(Error::wrongpass()),
                 }
@@ -146,11 +153,13 @@ mod tests {
                     name: "app".into(),
                     password_sha256: hash.clone(),
                     readonly: false,
+                    namespace: None,
                 },
                 UserConfig {
                     name: "reader".into(),
                     password_sha256: hash,
                     readonly: true,
+                    namespace: Some("r:".into()),
                 },
             ],
         });
@@ -160,6 +169,7 @@ mod tests {
         assert_eq!((app.name.as_str(), app.readonly), ("app", false));
         let reader = a.check(Some(b"reader"), b"pw2").unwrap();
         assert_eq!((reader.name.as_str(), reader.readonly), ("reader", true));
+        assert_eq!(reader.namespace.as_deref(), Some("r:"));
         assert!(a.check(Some(b"app"), b"pw").is_err());
         assert!(a.check(None, b"nope").is_err());
         let open = Auth::new(&AuthConfig::default());

@@ -135,6 +135,8 @@ pub struct Session {
     /// commands) and where its reply comes from.
     pub cmd_stat: Option<&'static crate::metrics::CmdStat>,
     pub level: crate::metrics::Level,
+    /// The key namespace of the user (see [`crate::route::namespace`]); None: none.
+    pub namespace: Option<bytes::Bytes>,
 }
 
 impl Session {
@@ -153,7 +155,18 @@ impl Session {
             pubsub: None,
             cmd_stat: None,
             level: crate::metrics::Level::L2,
+            namespace: None,
         }
+    }
+
+    /// The connection is now `p` (AUTH, HELLO AUTH, RESET): its rights and namespace;
+    /// `default_ns` is the configured `namespace`.
+    pub fn become_user(&mut self, p: super::auth::Principal, default_ns: &str) {
+        let ns = p.namespace.as_deref().unwrap_or(default_ns);
+        self.namespace = (!ns.is_empty()).then(|| bytes::Bytes::copy_from_slice(ns.as_bytes()));
+        self.readonly = p.readonly;
+        self.user = p.name.clone();
+        self.update_meta(|m| m.user = p.name);
     }
 
     pub fn id(&self) -> u64 {

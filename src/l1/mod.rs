@@ -21,7 +21,7 @@ pub mod tracking;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
@@ -47,11 +47,45 @@ pub enum Coherence {
     Ttl,
 }
 
+/// One cached reply to one exact request about a key.
+pub struct Cached {
+    /// Protocol byte + the exact request bytes (name lower-cased).
+    sig: Bytes,
+    reply: Bytes,
+    /// Its own lifetime: filling another reply of the key does not extend it.
+    expires_at: Instant,
+    ttl: Duration,
+    /// Hits in the refresh-ahead window (the last `refresh_ahead_ratio` of its life).
+    reads: AtomicU32,
+    /// A refresh-ahead of it is in flight: one per reply at a time.
+    refreshing: AtomicBool,
+}
+
+impl Cached {
+    fn new(sig: Bytes, reply: Bytes, now: Instant, ttl: Duration) -> Cached {
+        Cached {
+            sig,
+            reply,
+            expires_at: now + ttl,
+            ttl,
+            reads: AtomicU32::new(0),
+            refreshing: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A hit: the reply, and whether the caller should refresh it ahead of its expiry (the
+/// caller won the reply's refresh flag, see [`L1::refresh_done`]).
+pub struct Hit {
+    pub reply: Bytes,
+    pub refresh: bool,
+}
+
 /// One cached key: the replies of the commands read about it.
 #[derive(Clone)]
 pub struct KeyEntry {
-    /// (signature: protocol byte + exact request bytes, raw reply)
-    replies: Arc<Vec<(Bytes, Bytes)>>,
+    replies: Arc<Vec<Arc<Cached>>>,
+    /// The latest of its replies' expiries.
     expires_at: Instant,
     /// The flush epoch it was filled in: served only while that is current.
     epoch: u64,
@@ -64,7 +98,7 @@ impl KeyEntry {
             + self
                 .replies
                 .iter()
-                .map(|(s, r)| s.len() + r.len() + 32)
+                .map(|c| c.sig.len() + c.reply.len() + 64)
                 .sum::<usize>()
     }
 }
@@ -125,6 +159,11 @@ pub struct L1Stats {
     pub evictions: Arc<AtomicU64>,
     /// Replies served stale while the upstream was unreachable (serve_stale_on_error).
     pub stale_served: AtomicU64,
+    /// Refresh-ahead reads started, and due ones skipped (concurrency limit reached).
+    pub refreshes: AtomicU64,
+    pub refreshes_skipped: AtomicU64,
+    /// Replies loaded by warming (start-up and TIERPROXY.L1 WARM).
+    pub warmed: AtomicU64,
 }
 
 /// A read's ticket to fill: the generations it saw before it was sent.
@@ -166,6 +205,12 @@ pub struct L1 {
     disabled: std::sync::atomic::AtomicBool,
     /// Reads in flight by exact request: later identical misses wait for the first.
     inflight: Mutex<HashMap<Bytes, InFlight>>,
+    /// Refresh-ahead: the fraction of a reply's lifetime under which a hit refreshes
+    /// it (f64 bits; 0 = off), and the reads it needs first. Reloadable.
+    refresh_ratio: AtomicU64,
+    refresh_min_reads: AtomicU32,
+    /// Background refreshes in flight at most.
+    pub refresh_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// A leader's read in flight: the token it started with, and who waits for it.
@@ -257,6 +302,37 @@ impl L1 {
             serve_stale: cfg.serve_stale_on_error,
             inflight: Mutex::new(HashMap::new()),
             disabled: std::sync::atomic::AtomicBool::new(false),
+            refresh_ratio: AtomicU64::new(cfg.refresh_ahead_ratio.to_bits()),
+            refresh_min_reads: AtomicU32::new(cfg.refresh_ahead_min_reads),
+            refresh_slots: Arc::new(tokio::sync::Semaphore::new(cfg.refresh_ahead_concurrency)),
+        }
+    }
+
+    fn refresh_ratio(&self) -> f64 {
+        f64::from_bits(self.refresh_ratio.load(Ordering::Relaxed))
+    }
+
+    /// Whether a hit on `c` now should refresh it: in the last `ratio` of its lifetime,
+    /// read `refresh_ahead_min_reads` times within that window (this hit included), and
+    /// not being refreshed already (this claims it). Hits earlier in the lifetime cost
+    /// no shared write.
+    fn refresh_due(&self, c: &Cached, now: Instant) -> bool {
+        let ratio = self.refresh_ratio();
+        if ratio <= 0.0 || c.expires_at.saturating_duration_since(now) >= c.ttl.mul_f64(ratio) {
+            return false;
+        }
+        let reads = c.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        reads >= self.refresh_min_reads.load(Ordering::Relaxed)
+            && !c.refreshing.swap(true, Ordering::AcqRel)
+    }
+
+    /// A refresh claimed by a hit did not happen (no slot, or it failed): a later hit may
+    /// try again.
+    pub fn refresh_done(&self, key: &[u8], sig: &[u8]) {
+        if let Some(e) = self.cache().get(key) {
+            if let Some(c) = e.replies.iter().find(|c| c.sig == sig) {
+                c.refreshing.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -277,6 +353,10 @@ impl L1 {
             .store(cfg.admit_after_reads.max(1), Ordering::Relaxed);
         self.admit_window_ms
             .store(cfg.admit_window_ms.max(1), Ordering::Relaxed);
+        self.refresh_ratio
+            .store(cfg.refresh_ahead_ratio.to_bits(), Ordering::Relaxed);
+        self.refresh_min_reads
+            .store(cfg.refresh_ahead_min_reads, Ordering::Relaxed);
         let resized = self.max_bytes.load(Ordering::Relaxed) != cfg.max_bytes
             || self.max_entries.load(Ordering::Relaxed) != cfg.max_entries;
         if resized {
@@ -363,21 +443,26 @@ impl L1 {
     }
 
     /// The cached reply to exactly this request, if any.
-    pub fn get(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Bytes> {
+    pub fn get(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Hit> {
         if self.is_disabled() || self.being_written(key) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
+        let now = Instant::now();
         let found = self.cache().get(key).and_then(|e| {
             // Entries of an earlier epoch are kept only to be served stale.
-            if e.expires_at <= Instant::now() || e.epoch != epoch {
+            if e.epoch != epoch {
                 return None;
             }
-            e.replies
+            let c = e
+                .replies
                 .iter()
-                .find(|(s, _)| matches(s))
-                .map(|(_, r)| r.clone())
+                .find(|c| c.expires_at > now && matches(&c.sig))?;
+            Some(Hit {
+                reply: c.reply.clone(),
+                refresh: self.refresh_due(c, now),
+            })
         });
         let counter = if found.is_some() {
             &self.stats.hits
@@ -455,22 +540,27 @@ impl L1 {
         }
         let now = Instant::now();
         let cache = self.cache();
-        let mut replies: Vec<(Bytes, Bytes)> = match cache.get(&key) {
-            Some(e) if e.expires_at > now && e.epoch == token.epoch => e
+        // The key's other replies keep their own lifetimes (they were read earlier).
+        let mut replies: Vec<Arc<Cached>> = match cache.get(&key) {
+            Some(e) if e.epoch == token.epoch => e
                 .replies
                 .iter()
-                .filter(|(s, _)| *s != sig)
+                .filter(|c| c.sig != sig && c.expires_at > now)
                 .cloned()
                 .collect(),
             _ => Vec::new(),
         };
-        // An entry's lifetime is that of its newest reply, which mirrors the key's TTL now.
-        replies.push((sig, reply));
+        replies.push(Arc::new(Cached::new(sig, reply, now, ttl)));
+        let expires_at = replies
+            .iter()
+            .map(|c| c.expires_at)
+            .max()
+            .unwrap_or(now + ttl);
         cache.insert(
             key.clone(),
             KeyEntry {
                 replies: Arc::new(replies),
-                expires_at: now + ttl,
+                expires_at,
                 epoch: token.epoch,
             },
         );
@@ -538,14 +628,12 @@ impl L1 {
         if !self.serve_stale || self.is_disabled() || self.being_written(key) {
             return None;
         }
+        let now = Instant::now();
         let found = self.cache().get(key).and_then(|e| {
-            if e.expires_at <= Instant::now() {
-                return None;
-            }
             e.replies
                 .iter()
-                .find(|(s, _)| matches(s))
-                .map(|(_, r)| r.clone())
+                .find(|c| c.expires_at > now && matches(&c.sig))
+                .map(|c| c.reply.clone())
         });
         if found.is_some() {
             self.stats.stale_served.fetch_add(1, Ordering::Relaxed);
@@ -566,13 +654,22 @@ impl L1 {
         cache.weighted_size()
     }
 
-    /// Replies cached for `key` (TIERPROXY.L1 GET), with remaining lifetime.
-    pub fn peek(&self, key: &[u8]) -> Option<(Vec<(Bytes, Bytes)>, Duration)> {
+    /// Replies cached for `key` (TIERPROXY.L1 GET): signature, reply and remaining
+    /// lifetime of each.
+    pub fn peek(&self, key: &[u8]) -> Option<Vec<(Bytes, Bytes, Duration)>> {
+        let now = Instant::now();
         self.cache().get(key).map(|e| {
-            (
-                e.replies.as_ref().clone(),
-                e.expires_at.saturating_duration_since(Instant::now()),
-            )
+            e.replies
+                .iter()
+                .filter(|c| c.expires_at > now)
+                .map(|c| {
+                    (
+                        c.sig.clone(),
+                        c.reply.clone(),
+                        c.expires_at.saturating_duration_since(now),
+                    )
+                })
+                .collect()
         })
     }
 }

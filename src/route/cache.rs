@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::Pending;
 use crate::client::session::Session;
 use crate::l1::{Role, L1};
-use crate::parse::reply::{as_int, is_error};
+use crate::parse::reply::{as_int, as_str, is_error, split_aggregate};
 use crate::parse::request::Request;
 use crate::respond::{command_bytes, Proto, Value};
 use crate::upstream::Target;
@@ -163,9 +163,12 @@ pub async fn read(
 ) -> Pending {
     let proto = sess.proto;
     let hint = sess.hint();
-    if let Some(reply) = l1.get(&key, |s| signature_matches(s, proto, &req.args)) {
+    if let Some(hit) = l1.get(&key, |s| signature_matches(s, proto, &req.args)) {
         sess.level = crate::metrics::Level::L1;
-        return Pending::Ready(Value::Raw(reply));
+        if hit.refresh {
+            refresh_ahead(px, l1, key, signature(proto, &req.args), hint);
+        }
+        return Pending::Ready(Value::Raw(hit.reply));
     }
     let target = Target::Slot(crate::upstream::key_slot(&key));
     let sig = signature(proto, &req.args);
@@ -228,6 +231,206 @@ pub async fn read(
             }))
         }
     }
+}
+
+/// Re-reads a hot cached reply near its expiry in the background (refresh-ahead): the
+/// request is the reply's signature itself (protocol byte + exact command), with the
+/// key's PTTL in the same round trip, filled like any read (the fill-race guard
+/// applies). At most `l1.refresh_ahead_concurrency` at once; a due refresh beyond that
+/// is skipped and may be retried by a later hit.
+fn refresh_ahead(px: &Arc<Proxy>, l1: &Arc<L1>, key: Bytes, sig: Bytes, hint: usize) {
+    let Ok(permit) = l1.refresh_slots.clone().try_acquire_owned() else {
+        l1.stats
+            .refreshes_skipped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        l1.refresh_done(&key, &sig);
+        return;
+    };
+    l1.stats
+        .refreshes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (px, l1) = (px.clone(), l1.clone());
+    tokio::spawn(async move {
+        let _permit = permit;
+        let proto = if sig.first() == Some(&3) {
+            Proto::Resp3
+        } else {
+            Proto::Resp2
+        };
+        if !load(&px, &l1, &key, &sig, proto, hint).await {
+            l1.refresh_done(&key, &sig);
+        }
+    });
+}
+
+/// Reads the request of signature `sig` (protocol byte + command) and its key's PTTL
+/// upstream, stubs resolved: the fill token taken before it was sent, the reply and the
+/// PTTL. None if either failed or the reply is an error.
+async fn fetch(
+    px: &Proxy,
+    l1: &L1,
+    key: &Bytes,
+    sig: &Bytes,
+    proto: Proto,
+    hint: usize,
+) -> Option<(crate::l1::FillToken, Bytes, i64)> {
+    let target = Target::Slot(crate::upstream::key_slot(key));
+    let token = l1.begin(key);
+    let value = px
+        .upstream
+        .start(target.clone(), sig.slice(1..), proto, hint)
+        .await;
+    let pttl = px
+        .upstream
+        .start(target, command_bytes(&[&b"PTTL"[..], key]), proto, hint)
+        .await;
+    let reply = unspill(px, px.upstream.finish(value).await).await;
+    let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
+    match (reply, pttl) {
+        (Ok(reply), Some(ms)) if !is_error(&reply) => Some((token, reply, ms)),
+        _ => None,
+    }
+}
+
+/// [`fetch`] then fill; true if the reply was cached.
+async fn load(px: &Proxy, l1: &L1, key: &Bytes, sig: &Bytes, proto: Proto, hint: usize) -> bool {
+    let Some((token, reply, ms)) = fetch(px, l1, key, sig, proto, hint).await else {
+        return false;
+    };
+    filled(l1, || l1.fill(key.clone(), token, sig.clone(), reply, ms))
+}
+
+/// Whether `fill` cached its reply (it may refuse: raced, too large, TTL over).
+fn filled(l1: &L1, fill: impl FnOnce()) -> bool {
+    let before = l1.stats.fills.load(std::sync::atomic::Ordering::Relaxed);
+    fill();
+    l1.stats.fills.load(std::sync::atomic::Ordering::Relaxed) != before
+}
+
+/// Spreads warming reads to `l1.warm_keys_per_sec`: ticks of 10 ms each with its share
+/// of the rate, or one key per tick below 100 keys a second.
+struct Pace {
+    tick: tokio::time::Interval,
+    per_tick: u64,
+    used: u64,
+}
+
+impl Pace {
+    fn new(per_sec: u64) -> Pace {
+        let per_sec = per_sec.max(1);
+        let period = std::time::Duration::from_millis(10)
+            .max(std::time::Duration::from_secs(1) / per_sec as u32);
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Pace {
+            tick,
+            per_tick: (per_sec / 100).max(1),
+            used: u64::MAX,
+        }
+    }
+
+    async fn next(&mut self) {
+        if self.used >= self.per_tick {
+            self.tick.tick().await;
+            self.used = 0;
+        }
+        self.used += 1;
+    }
+}
+
+/// Warming: reads `keys`, and the keys matching `patterns` (SCAN on every master), into
+/// L1 as `GET` replies, at most `l1.warm_keys_per_sec` keys a second and `l1.max_entries`
+/// keys in all. A string value is filled for both protocol versions (its bytes are the
+/// same in RESP2 and RESP3); missing keys and other types are skipped. Returns the
+/// replies loaded.
+pub async fn warm(px: Arc<Proxy>, l1: Arc<L1>, keys: Vec<Bytes>, patterns: Vec<Bytes>) -> u64 {
+    let budget = l1.max_entries();
+    let mut pace = Pace::new(px.cfg.l1.warm_keys_per_sec);
+    let mut seen = 0u64;
+    let mut loaded = 0u64;
+    for key in keys {
+        if seen >= budget {
+            return loaded;
+        }
+        pace.next().await;
+        seen += 1;
+        loaded += warm_key(&px, &l1, key).await;
+    }
+    if patterns.is_empty() {
+        return loaded;
+    }
+    let masters = match px.upstream.topology() {
+        Ok(t) => t.masters.clone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "L1 warming: no topology; patterns skipped");
+            return loaded;
+        }
+    };
+    for pattern in patterns {
+        for node in &masters {
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                let scan =
+                    command_bytes(&[&b"SCAN"[..], &cursor, b"MATCH", &pattern, b"COUNT", b"100"]);
+                let reply = match px
+                    .upstream
+                    .call(Target::Node(node.clone()), scan, Proto::Resp2, 0)
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(node = %node.addr, error = %e, "L1 warming: SCAN failed");
+                        break;
+                    }
+                };
+                let parts = split_aggregate(&reply).unwrap_or_default();
+                let (Some(next), Some(found)) = (
+                    parts.first().and_then(|c| as_str(c)),
+                    parts.get(1).and_then(split_aggregate),
+                ) else {
+                    tracing::warn!(node = %node.addr, "L1 warming: unexpected SCAN reply");
+                    break;
+                };
+                cursor = Bytes::copy_from_slice(next);
+                for k in found {
+                    let Some(k) = as_str(&k) else { continue };
+                    if seen >= budget {
+                        return loaded;
+                    }
+                    pace.next().await;
+                    seen += 1;
+                    loaded += warm_key(&px, &l1, Bytes::copy_from_slice(k)).await;
+                }
+                if &cursor[..] == b"0" {
+                    break;
+                }
+            }
+        }
+    }
+    loaded
+}
+
+/// One key warmed as `GET key`: the replies loaded (0, or 2 for both protocols).
+async fn warm_key(px: &Proxy, l1: &L1, key: Bytes) -> u64 {
+    let req = [Bytes::from_static(b"get"), key.clone()];
+    let sig2 = signature(Proto::Resp2, &req);
+    let sig3 = signature(Proto::Resp3, &req);
+    let Some((token, reply, ms)) = fetch(px, l1, &key, &sig2, Proto::Resp2, 0).await else {
+        return 0;
+    };
+    // Only string values: a missing key's nil differs between the protocols, and is
+    // not worth a cache entry.
+    if reply.first() != Some(&b'$') || &reply[..] == b"$-1\r\n" {
+        return 0;
+    }
+    let mut n = 0;
+    for sig in [sig2, sig3] {
+        n += filled(l1, || l1.fill(key.clone(), token, sig, reply.clone(), ms)) as u64;
+    }
+    l1.stats
+        .warmed
+        .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    n
 }
 
 /// The error for a read the upstream could not answer, or, with

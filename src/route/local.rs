@@ -42,6 +42,7 @@ pub(crate) fn local_arity(name: &str) -> Option<i64> {
         "tierproxy.invalidate" => 2,
         "tierproxy.l1|flush" | "tierproxy.l1|stats" => 2,
         "tierproxy.l1|get" => 3,
+        "tierproxy.l1|warm" => -3,
         "slowlog" => -2,
         "slowlog|get" => -2,
         "slowlog|len" | "slowlog|reset" | "slowlog|help" => 2,
@@ -128,12 +129,13 @@ pub fn handle_early(
             sess.name = None;
             sess.reply_mode = ReplyMode::On;
             sess.authenticated = !px.auth.required();
-            sess.user = "default".into();
-            sess.readonly = false;
+            sess.become_user(
+                crate::client::auth::Principal::default_user(),
+                &px.cfg.namespace,
+            );
             sess.update_meta(|m| {
                 m.name.clear();
                 m.resp = 2;
-                m.user = "default".into();
             });
             Value::Simple("RESET")
         }
@@ -190,9 +192,7 @@ fn auth(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
     match px.auth.check(user, pass) {
         Ok(p) => {
             sess.authenticated = true;
-            sess.readonly = p.readonly;
-            sess.user = p.name.clone();
-            sess.update_meta(|m| m.user = p.name);
+            sess.become_user(p, &px.cfg.namespace);
             Value::ok()
         }
         Err(e) => {
@@ -244,9 +244,7 @@ fn hello(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
         match px.auth.check(Some(&u), &p) {
             Ok(p) => {
                 sess.authenticated = true;
-                sess.readonly = p.readonly;
-                sess.user = p.name.clone();
-                sess.update_meta(|m| m.user = p.name);
+                sess.become_user(p, &px.cfg.namespace);
             }
             Err(e) => {
                 px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -568,7 +566,7 @@ fn config(px: &Proxy, sess: &Session, sub: &str, a: &[Bytes]) -> Value {
 }
 
 /// `TIERPROXY.L1 FLUSH|STATS|GET key`: operate and inspect the hot-key cache.
-fn l1_admin(px: &Proxy, sub: &str, a: &[Bytes]) -> Value {
+fn l1_admin(px: &Arc<Proxy>, sub: &str, a: &[Bytes]) -> Value {
     let Some(l1) = &px.l1 else {
         return Error::proxy("L1 is disabled (l1.enabled = false)").to_reply();
     };
@@ -576,6 +574,20 @@ fn l1_admin(px: &Proxy, sub: &str, a: &[Bytes]) -> Value {
         "tierproxy.l1|flush" => {
             l1.flush("TIERPROXY.L1 FLUSH");
             Value::ok()
+        }
+        // TIERPROXY.L1 WARM key|pattern…: an argument with glob characters is a SCAN
+        // pattern. Runs in the background, like BGSAVE.
+        "tierproxy.l1|warm" => {
+            let (patterns, keys): (Vec<Bytes>, Vec<Bytes>) = a[2..]
+                .iter()
+                .cloned()
+                .partition(|x| super::namespace::is_pattern(x));
+            let (px, l1) = (px.clone(), l1.clone());
+            tokio::spawn(async move {
+                let n = super::cache::warm(px, l1, keys, patterns).await;
+                tracing::info!(replies = n, "TIERPROXY.L1 WARM done");
+            });
+            Value::Simple("Background warming started")
         }
         "tierproxy.l1|stats" => Value::Map(
             l1_fields(l1)
@@ -585,21 +597,29 @@ fn l1_admin(px: &Proxy, sub: &str, a: &[Bytes]) -> Value {
         ),
         "tierproxy.l1|get" => match l1.peek(&a[2]) {
             None => Value::Null,
-            Some((replies, left)) => Value::Map(vec![
+            Some(replies) => Value::Map(vec![
                 (
+                    // The entry's: that of its longest-lived reply.
                     Value::bulk_str("ttl_ms"),
-                    Value::Int(left.as_millis() as i64),
+                    Value::Int(
+                        replies
+                            .iter()
+                            .map(|(_, _, left)| left.as_millis() as i64)
+                            .max()
+                            .unwrap_or(0),
+                    ),
                 ),
                 (
                     Value::bulk_str("replies"),
                     Value::Array(
                         replies
                             .into_iter()
-                            .map(|(sig, reply)| {
+                            .map(|(sig, reply, left)| {
                                 Value::Array(vec![
                                     Value::Int(sig.first().copied().unwrap_or(2) as i64),
                                     Value::Bulk(sig.slice(1..)),
                                     Value::Bulk(reply),
+                                    Value::Int(left.as_millis() as i64),
                                 ])
                             })
                             .collect(),
@@ -628,6 +648,9 @@ fn l1_fields(l1: &crate::l1::L1) -> Vec<(&'static str, u64)> {
         ("l1_fills_raced", ld(&st.fills_raced)),
         ("l1_merged_reads", ld(&st.merged)),
         ("l1_stale_served", ld(&st.stale_served)),
+        ("l1_refreshes", ld(&st.refreshes)),
+        ("l1_refreshes_skipped", ld(&st.refreshes_skipped)),
+        ("l1_warmed", ld(&st.warmed)),
     ]
 }
 

@@ -6,11 +6,12 @@
 //! slots, fanned out to every master, or run on a dedicated connection.
 
 mod blocking;
-mod cache;
+pub mod cache;
 mod keyspace;
 mod lcs;
 mod local;
 mod multi;
+pub mod namespace;
 pub mod pubsub;
 pub mod scripts;
 mod spill;
@@ -104,6 +105,46 @@ fn allowed_before_auth(name: &[u8]) -> bool {
 }
 
 pub async fn dispatch(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pending {
+    match &sess.namespace {
+        // Boxed: namespaced or not is fixed per user, and the common future stays small.
+        Some(ns) if sess.authenticated => {
+            let ns = ns.clone();
+            Box::pin(dispatch_namespaced(px, sess, ns, req)).await
+        }
+        _ => dispatch_plain(px, sess, req).await,
+    }
+}
+
+/// A request of a namespaced user: keys (and KEYS/SCAN patterns) prefixed before it is
+/// routed, key names stripped from the reply.
+async fn dispatch_namespaced(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    ns: Bytes,
+    req: Request,
+) -> Pending {
+    let lowered = Lowered::new(&req.args[0]);
+    let table = px.upstream.table();
+    let (req, strip) = match table
+        .as_ref()
+        .map(|t| t.lookup_lowered(&lowered, &req.args))
+    {
+        Some(Lookup::Found(info)) if info.arity_ok(req.args.len()) => {
+            match namespace::rewrite(&ns, &info, req) {
+                Ok(r) => r,
+                Err(e) => return Pending::error(e),
+            }
+        }
+        _ => (
+            namespace::rewrite_local(&ns, lowered.as_bytes(), req),
+            namespace::Strip::Nothing,
+        ),
+    };
+    let p = dispatch_plain(px, sess, req).await;
+    namespace::strip_reply(px, sess.proto, ns, strip, p)
+}
+
+async fn dispatch_plain(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pending {
     use crate::metrics::Level;
     let lowered = Lowered::new(&req.args[0]);
     let name = lowered.as_bytes();

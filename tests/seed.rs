@@ -1,0 +1,342 @@
+//! The seed cache package's features, against the real cluster: YAML configuration (and
+//! its `cache:` block), key namespaces, L1 refresh-ahead and L1 warming.
+
+mod support;
+
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{eventually, shared_cluster, tag, Proxy, Resp};
+
+fn s(b: Vec<u8>) -> String {
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+fn config(suffix: &str, body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(suffix).tempfile().unwrap();
+    f.write_all(body.as_bytes()).unwrap();
+    f
+}
+
+fn proxy_with(suffix: &str, body: &str) -> Proxy {
+    let cfg = config(suffix, body);
+    Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    )
+}
+
+fn stat(c: &mut Resp, name: &str) -> i64 {
+    let info = s(c.cmd(&["INFO", "l1"]));
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
+fn check_config(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tierproxy"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A unique namespace per test run, so KEYS and SCAN see only this test's keys.
+fn fresh_namespace(name: &str) -> String {
+    let t = tag(name);
+    format!("{}:", t.trim_matches(|c| c == '{' || c == '}'))
+}
+
+#[test]
+fn yaml_files_take_the_same_keys_and_the_seeds_cache_block() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/tierproxy.example.yaml");
+    let (ok, err) = check_config(&example);
+    assert!(ok, "conf/tierproxy.example.yaml: {err}");
+
+    // Top-level sections, as in TOML.
+    let px = proxy_with(".yaml", "l1:\n  enabled: true\n  max_entries: 1234\n");
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(stat(&mut c, "l1_max_entries"), 1234);
+    // The seed's shape: cache.l1 / cache.l2 / cache.l3.
+    let px = proxy_with(
+        ".yml",
+        "cache:\n  l1:\n    enabled: true\n    max_entries: 4321\n  l2:\n    request_timeout_ms: 2000\n",
+    );
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(stat(&mut c, "l1_max_entries"), 4321);
+    assert_eq!(
+        s(c.cmd(&["SET", &format!("{}y", tag("yaml")), "v"])),
+        "+OK\r\n"
+    );
+
+    // A section given both ways, an unknown key, and bad YAML are errors, not guesses.
+    let both = config(
+        ".yaml",
+        "l1:\n  enabled: true\ncache:\n  l1:\n    enabled: false\n",
+    );
+    let (ok, err) = check_config(both.path());
+    assert!(!ok && err.contains("both cache.l1 and [l1]"), "{err}");
+    let unknown = config(".yaml", "l1:\n  enabled: true\n  max_entriez: 5\n");
+    let (ok, err) = check_config(unknown.path());
+    assert!(!ok && err.contains("max_entriez"), "{err}");
+    let broken = config(".yaml", "l1: [\n");
+    assert!(!check_config(broken.path()).0);
+}
+
+#[test]
+fn a_namespace_prefixes_keys_and_strips_them_from_replies() {
+    let ns = fresh_namespace("ns");
+    let px = proxy_with(".toml", &format!("namespace = \"{ns}\"\n"));
+    let truth = Proxy::start(&shared_cluster().seeds(), &[], &[]);
+    let mut c = Resp::connect(&px.addr());
+    let mut t = Resp::connect(&truth.addr());
+
+    // Plain keys, and what Redis really holds.
+    assert_eq!(s(c.cmd(&["SET", "k1", "v1"])), "+OK\r\n");
+    assert_eq!(s(t.cmd(&["GET", &format!("{ns}k1")])), "$2\r\nv1\r\n");
+    assert_eq!(s(c.cmd(&["GET", "k1"])), "$2\r\nv1\r\n");
+    // Multi-key commands across slots, and hash tags keep keys together.
+    assert_eq!(s(c.cmd(&["MSET", "a", "1", "b", "2", "c", "3"])), "+OK\r\n");
+    assert_eq!(
+        s(c.cmd(&["MGET", "a", "b", "c", "nope"])),
+        "*4\r\n$1\r\n1\r\n$1\r\n2\r\n$1\r\n3\r\n$-1\r\n"
+    );
+    assert_eq!(s(c.cmd(&["MSET", "{u}x", "1", "{u}y", "2"])), "+OK\r\n");
+    assert_eq!(
+        s(c.cmd(&["SUNIONSTORE", "{u}s", "{u}x-set"])),
+        ":0\r\n",
+        "two keys with one hash tag must stay in one slot"
+    );
+    // RENAME moves both keys inside the namespace; EVAL's KEYS are prefixed.
+    assert_eq!(s(c.cmd(&["RENAME", "{u}x", "{u}z"])), "+OK\r\n");
+    assert_eq!(s(t.cmd(&["EXISTS", &format!("{ns}{{u}}z")])), ":1\r\n");
+    assert_eq!(
+        s(c.cmd(&["EVAL", "return redis.call('GET', KEYS[1])", "1", "k1"])),
+        "$2\r\nv1\r\n"
+    );
+
+    // KEYS and SCAN see this namespace only, without the prefix.
+    let mut want = vec!["a", "b", "c", "k1", "{u}y", "{u}z"];
+    want.sort();
+    let keys = s(c.cmd(&["KEYS", "*"]));
+    let mut got: Vec<&str> = keys
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "{keys}");
+    let mut scanned = Vec::new();
+    let mut cursor = "0".to_string();
+    loop {
+        let r = s(c.cmd(&["SCAN", &cursor, "COUNT", "50"]));
+        let lines: Vec<&str> = r.split("\r\n").collect();
+        cursor = lines[2].to_string();
+        scanned.extend(
+            lines[3..]
+                .iter()
+                .filter(|l| !l.is_empty() && !l.starts_with(['*', '$']))
+                .map(|l| l.to_string()),
+        );
+        if cursor == "0" {
+            break;
+        }
+    }
+    scanned.sort();
+    assert_eq!(scanned, want);
+    let r = s(c.cmd(&["KEYS", "{u}*"]));
+    assert!(
+        r.starts_with("*2\r\n") && r.contains("{u}y") && !r.contains(&ns),
+        "{r}"
+    );
+
+    // Blocking pops name their key without the prefix.
+    assert_eq!(s(c.cmd(&["RPUSH", "list", "x"])), ":1\r\n");
+    assert_eq!(
+        s(c.cmd(&["BLPOP", "list", "1"])),
+        "*2\r\n$4\r\nlist\r\n$1\r\nx\r\n"
+    );
+    // Whole-database commands would cross namespaces.
+    for cmd in [&["FLUSHALL"][..], &["DBSIZE"], &["RANDOMKEY"]] {
+        let r = s(c.cmd(cmd));
+        assert!(
+            r.starts_with("-ERR tierproxy:") && r.contains("namespace"),
+            "{r}"
+        );
+    }
+    assert_eq!(s(t.cmd(&["EXISTS", &format!("{ns}k1")])), ":1\r\n");
+}
+
+#[test]
+fn each_user_can_have_its_own_namespace() {
+    let ns = fresh_namespace("shared");
+    let tenant = fresh_namespace("tenant");
+    // Password "tpw" for both users.
+    let px = proxy_with(
+        ".toml",
+        &format!(
+            "namespace = \"{ns}\"\n[auth]\npassword = \"tpw\"\n[[auth.users]]\nname = \"tenant\"\npassword_sha256 = \"c89cf27dc96c00734421d6df4ee6f67931523bc6447b509d5d3ad9932abfa651\"\nnamespace = \"{tenant}\"\n"
+        ),
+    );
+    let truth = Proxy::start(&shared_cluster().seeds(), &[], &[]);
+    let mut t = Resp::connect(&truth.addr());
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["AUTH", "tenant", "tpw"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["SET", "k", "tenant's"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["RESET"])), "+RESET\r\n");
+    assert_eq!(s(c.cmd(&["AUTH", "tpw"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", "k"])), "$-1\r\n");
+    assert_eq!(s(c.cmd(&["SET", "k", "default's"])), "+OK\r\n");
+    assert_eq!(
+        s(t.cmd(&["GET", &format!("{tenant}k")])),
+        "$8\r\ntenant's\r\n"
+    );
+    assert_eq!(s(t.cmd(&["GET", &format!("{ns}k")])), "$9\r\ndefault's\r\n");
+    let bad = config(".toml", "namespace = \"a{b}:\"\n");
+    assert!(!check_config(bad.path()).0);
+}
+
+/// A hot key read steadily through its expiry keeps being served from L1: refresh-ahead
+/// re-reads it in the last fraction of its lifetime, once per lifetime, not once per
+/// reader. Without refresh-ahead the same reads miss at every expiry.
+#[test]
+fn refresh_ahead_keeps_a_hot_key_cached_through_its_expiry() {
+    let run = |ratio: &str| {
+        let px = proxy_with(
+            ".toml",
+            &format!("[l1]\nenabled = true\nadmit_after_reads = 1\ndefault_ttl_ms = 1000\nmax_ttl_ms = 1000\nrefresh_ahead_ratio = {ratio}\nrefresh_ahead_min_reads = 2\n"),
+        );
+        let k = format!("{}hot", tag("refresh"));
+        let mut c = Resp::connect(&px.addr());
+        assert_eq!(s(c.cmd(&["SET", &k, "v"])), "+OK\r\n");
+        assert!(eventually(Duration::from_secs(5), || {
+            s(c.cmd(&["GET", &k])) == "$1\r\nv\r\n" && stat(&mut c, "l1_entries") == 1
+        }));
+        let misses = stat(&mut c, "l1_misses");
+        // Four readers for 3.5 s: three and a half lifetimes.
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (addr, k) = (px.addr(), k.clone());
+                std::thread::spawn(move || {
+                    let mut r = Resp::connect(&addr);
+                    let end = Instant::now() + Duration::from_millis(3500);
+                    while Instant::now() < end {
+                        assert_eq!(s(r.cmd(&["GET", &k])), "$1\r\nv\r\n");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                })
+            })
+            .collect();
+        for r in readers {
+            r.join().unwrap();
+        }
+        (
+            stat(&mut c, "l1_misses") - misses,
+            stat(&mut c, "l1_refreshes"),
+        )
+    };
+    let (misses, refreshes) = run("0.5");
+    assert_eq!(misses, 0, "a refreshed hot key should never miss");
+    // One refresh per lifetime (every ~0.5-1 s), not one per reader or per hit.
+    assert!((3..=10).contains(&refreshes), "refreshes: {refreshes}");
+    let (misses, refreshes) = run("0");
+    assert!(
+        misses >= 3,
+        "without refresh-ahead each expiry misses: {misses}"
+    );
+    assert_eq!(refreshes, 0);
+}
+
+#[test]
+fn warming_loads_keys_and_patterns_and_can_hold_readiness() {
+    let truth = Proxy::start(&shared_cluster().seeds(), &[], &[]);
+    let mut t = Resp::connect(&truth.addr());
+    let prefix = tag("warm");
+    for i in 0..40 {
+        assert_eq!(
+            s(t.cmd(&["SET", &format!("{prefix}p{i}"), &format!("v{i}")])),
+            "+OK\r\n"
+        );
+    }
+    assert_eq!(s(t.cmd(&["SET", &format!("{prefix}one"), "1"])), "+OK\r\n");
+    assert_eq!(
+        s(t.cmd(&["HSET", &format!("{prefix}hash"), "f", "v"])),
+        ":1\r\n"
+    );
+
+    // Start-up: one key and a pattern, 20 keys a second, readiness held until done.
+    let cfg = config(
+        ".toml",
+        &format!(
+            "[l1]\nenabled = true\nadmit_after_reads = 2\nwarm_keys = [\"{prefix}one\", \"{prefix}hash\", \"{prefix}missing\"]\nwarm_patterns = [\"{prefix}p*\"]\nwarm_keys_per_sec = 20\nwarm_before_ready = true\n"
+        ),
+    );
+    let started = Instant::now();
+    let px = Proxy::start_unready(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let (code, body) = px.admin_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("warming"), "{body}");
+    assert!(eventually(Duration::from_secs(20), || px
+        .admin_get("/readyz")
+        .0
+        == 200));
+    // 43 keys at 20 a second: not before ~2 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1800),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut c = Resp::connect(&px.addr());
+    // The string keys are in for both protocols; the hash and the missing key are not.
+    assert_eq!(stat(&mut c, "l1_warmed"), 2 * 41);
+    let (hits, misses) = (stat(&mut c, "l1_hits"), stat(&mut c, "l1_misses"));
+    assert_eq!(s(c.cmd(&["GET", &format!("{prefix}p7")])), "$2\r\nv7\r\n");
+    assert_eq!(s(c.cmd(&["GET", &format!("{prefix}one")])), "$1\r\n1\r\n");
+    assert!(s(c.cmd(&["HELLO", "3"])).starts_with('%'));
+    assert_eq!(s(c.cmd(&["GET", &format!("{prefix}p8")])), "$2\r\nv8\r\n");
+    assert_eq!(
+        stat(&mut c, "l1_hits") - hits,
+        3,
+        "warmed keys are hits on first read"
+    );
+    assert_eq!(stat(&mut c, "l1_misses"), misses);
+    // A write through Redis directly still invalidates a warmed key (it is tracked).
+    assert_eq!(s(t.cmd(&["SET", &format!("{prefix}one"), "2"])), "+OK\r\n");
+    assert!(eventually(Duration::from_secs(2), || s(
+        c.cmd(&["GET", &format!("{prefix}one")])
+    ) == "$1\r\n2\r\n"));
+
+    // On demand: TIERPROXY.L1 WARM key|pattern…, in the background.
+    let other = tag("warm2");
+    for i in 0..5 {
+        assert_eq!(s(t.cmd(&["SET", &format!("{other}q{i}"), "x"])), "+OK\r\n");
+    }
+    let mut d = Resp::connect(&px.addr());
+    let before = stat(&mut d, "l1_warmed");
+    assert_eq!(
+        s(d.cmd(&["TIERPROXY.L1", "WARM", &format!("{other}q*")])),
+        "+Background warming started\r\n"
+    );
+    assert!(eventually(Duration::from_secs(10), || stat(
+        &mut d,
+        "l1_warmed"
+    ) - before
+        == 10));
+    let hits = stat(&mut d, "l1_hits");
+    assert_eq!(s(d.cmd(&["GET", &format!("{other}q3")])), "$1\r\nx\r\n");
+    assert_eq!(stat(&mut d, "l1_hits") - hits, 1);
+    let r = s(d.cmd(&["TIERPROXY.L1", "WARM"]));
+    assert!(r.starts_with("-ERR wrong number of arguments"), "{r}");
+}
