@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use support::{shared_cluster, tag, Proxy, Resp};
+use support::{l1_stat as stat, shared_cluster, tag, Proxy, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -48,14 +48,6 @@ fn b() -> &'static Proxy {
 fn truth() -> &'static Proxy {
     static P: OnceLock<Proxy> = OnceLock::new();
     P.get_or_init(|| Proxy::start(&shared_cluster().seeds(), &[], &[]))
-}
-
-fn stat(c: &mut Resp, name: &str) -> i64 {
-    let info = s(c.cmd(&["INFO", "l1"]));
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {info}"))
 }
 
 fn cached(c: &mut Resp, key: &str) -> bool {

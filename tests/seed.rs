@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{eventually, shared_cluster, tag, Proxy, Resp};
+use support::{eventually, l1_stat as stat, shared_cluster, tag, Proxy, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -26,14 +26,6 @@ fn proxy_with(suffix: &str, body: &str) -> Proxy {
         &["--config", cfg.path().to_str().unwrap()],
         &[],
     )
-}
-
-fn stat(c: &mut Resp, name: &str) -> i64 {
-    let info = s(c.cmd(&["INFO", "l1"]));
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}:")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {info}"))
 }
 
 fn check_config(path: &std::path::Path) -> (bool, String) {

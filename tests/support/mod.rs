@@ -436,12 +436,7 @@ impl RedisCluster {
     /// without losing any state, and comes back as it was.
     pub fn signal_all(&self, sig: &str) {
         for n in self.live_nodes() {
-            let status = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(n.server_pid.to_string())
-                .status()
-                .expect("kill");
-            assert!(status.success(), "kill -{sig} {}", n.server_pid);
+            n.signal(sig);
         }
     }
 
@@ -1609,6 +1604,15 @@ pub fn connected_clients(addr: &str) -> i64 {
 }
 
 /// Polls `f` every 50 ms until it returns true or `limit` passes; whether it did.
+/// A numeric field of `INFO l1` (panics if it is missing).
+pub fn l1_stat(c: &mut Resp, name: &str) -> i64 {
+    let info = String::from_utf8_lossy(&c.cmd(&["INFO", "l1"])).into_owned();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
 pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
