@@ -125,9 +125,7 @@ where
     let entry = px.clients.register(addr, laddr, px.started);
     let id = entry.id;
     let mut sess = Session::new(entry, px.auth.required());
-    if !px.cfg.namespace.is_empty() {
-        sess.namespace = Some(bytes::Bytes::copy_from_slice(px.cfg.namespace.as_bytes()));
-    }
+    sess.namespace = session::namespace(&px.cfg.namespace);
     // CLIENT LIST forgets the connection however this task ends.
     struct Unregister<'a>(&'a Proxy, u64);
     impl Drop for Unregister<'_> {

@@ -139,6 +139,11 @@ pub struct Session {
     pub namespace: Option<bytes::Bytes>,
 }
 
+/// A configured namespace as the session holds it: `""` is none.
+pub fn namespace(ns: &str) -> Option<bytes::Bytes> {
+    (!ns.is_empty()).then(|| bytes::Bytes::copy_from_slice(ns.as_bytes()))
+}
+
 impl Session {
     pub fn new(entry: Arc<ClientEntry>, auth_required: bool) -> Session {
         Session {
@@ -162,8 +167,7 @@ impl Session {
     /// The connection is now `p` (AUTH, HELLO AUTH, RESET): its rights and namespace;
     /// `default_ns` is the configured `namespace`.
     pub fn become_user(&mut self, p: super::auth::Principal, default_ns: &str) {
-        let ns = p.namespace.as_deref().unwrap_or(default_ns);
-        self.namespace = (!ns.is_empty()).then(|| bytes::Bytes::copy_from_slice(ns.as_bytes()));
+        self.namespace = namespace(p.namespace.as_deref().unwrap_or(default_ns));
         self.readonly = p.readonly;
         self.user = p.name.clone();
         self.update_meta(|m| m.user = p.name);

@@ -514,14 +514,22 @@ impl L1 {
             && self.epoch.load(Ordering::SeqCst) == t.epoch
     }
 
-    /// Caches `reply` for `key`/`sig` if nothing invalidated the key since `token`.
+    /// Caches `reply` for `key`/`sig` if nothing invalidated the key since `token`;
+    /// whether it did.
     /// `pttl_ms` is the key's remaining TTL in Redis (-1: none, -2: no such key).
-    pub fn fill(&self, key: Bytes, token: FillToken, sig: Bytes, reply: Bytes, pttl_ms: i64) {
+    pub fn fill(
+        &self,
+        key: Bytes,
+        token: FillToken,
+        sig: Bytes,
+        reply: Bytes,
+        pttl_ms: i64,
+    ) -> bool {
         if reply.len() > self.max_value_bytes.load(Ordering::Relaxed)
             || crate::parse::reply::is_error(&reply)
             || self.is_disabled()
         {
-            return;
+            return false;
         }
         let mut ttl = Duration::from_millis(
             self.default_ttl_ms
@@ -532,11 +540,11 @@ impl L1 {
             ttl = ttl.min(Duration::from_millis(pttl_ms as u64));
         }
         if ttl.is_zero() {
-            return;
+            return false;
         }
         if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         let now = Instant::now();
         let cache = self.cache();
@@ -568,9 +576,10 @@ impl L1 {
             // An invalidation raced the insert: it may have run before the insert landed.
             cache.invalidate(&key);
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
-            return;
+            return false;
         }
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     fn being_written(&self, key: &[u8]) -> bool {

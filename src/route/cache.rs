@@ -297,14 +297,7 @@ async fn load(px: &Proxy, l1: &L1, key: &Bytes, sig: &Bytes, proto: Proto, hint:
     let Some((token, reply, ms)) = fetch(px, l1, key, sig, proto, hint).await else {
         return false;
     };
-    filled(l1, || l1.fill(key.clone(), token, sig.clone(), reply, ms))
-}
-
-/// Whether `fill` cached its reply (it may refuse: raced, too large, TTL over).
-fn filled(l1: &L1, fill: impl FnOnce()) -> bool {
-    let before = l1.stats.fills.load(std::sync::atomic::Ordering::Relaxed);
-    fill();
-    l1.stats.fills.load(std::sync::atomic::Ordering::Relaxed) != before
+    l1.fill(key.clone(), token, sig.clone(), reply, ms)
 }
 
 /// Spreads warming reads to `l1.warm_keys_per_sec`: ticks of 10 ms each with its share
@@ -425,7 +418,7 @@ async fn warm_key(px: &Proxy, l1: &L1, key: Bytes) -> u64 {
     }
     let mut n = 0;
     for sig in [sig2, sig3] {
-        n += filled(l1, || l1.fill(key.clone(), token, sig, reply.clone(), ms)) as u64;
+        n += l1.fill(key.clone(), token, sig, reply.clone(), ms) as u64;
     }
     l1.stats
         .warmed

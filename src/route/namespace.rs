@@ -32,7 +32,7 @@ pub enum Strip {
     FirstOfArray,
 }
 
-/// Refusal text for commands that reach every namespace at once.
+/// Commands that reach every namespace at once: refused.
 fn whole_database(name: &str) -> bool {
     matches!(
         name,
