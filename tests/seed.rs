@@ -192,8 +192,148 @@ fn each_user_can_have_its_own_namespace() {
         "$8\r\ntenant's\r\n"
     );
     assert_eq!(s(t.cmd(&["GET", &format!("{ns}k")])), "$9\r\ndefault's\r\n");
+    // Subscriptions are named in the tenant's namespace: switching to a user of another
+    // one is refused while they last.
+    let mut r3 = Resp::connect(&px.addr());
+    assert!(s(r3.cmd(&["HELLO", "3", "AUTH", "tenant", "tpw"])).starts_with('%'));
+    assert!(s(r3.cmd(&["SUBSCRIBE", "ch"])).starts_with(">3\r\n$9\r\nsubscribe"));
+    let r = s(r3.cmd(&["AUTH", "tpw"]));
+    assert!(
+        r.starts_with("-ERR tierproxy:") && r.contains("namespace"),
+        "{r}"
+    );
+    assert!(s(r3.cmd(&["UNSUBSCRIBE"])).starts_with(">3\r\n$11\r\nunsubscribe"));
+    assert_eq!(s(r3.cmd(&["AUTH", "tpw"])), "+OK\r\n");
     let bad = config(".toml", "namespace = \"a{b}:\"\n");
     assert!(!check_config(bad.path()).0);
+}
+
+/// Every pub/sub message that reaches `c` within `quiet` of the last one.
+fn messages(c: &mut Resp, quiet: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(m) = c.read_reply_within(quiet) {
+        out.push(s(m));
+    }
+    out
+}
+
+fn message(kind: &str, parts: &[&str]) -> String {
+    let mut m = format!("*{}\r\n${}\r\n{kind}\r\n", parts.len() + 1, kind.len());
+    for p in parts {
+        m.push_str(&format!("${}\r\n{p}\r\n", p.len()));
+    }
+    m
+}
+
+/// Channel names, patterns and keyspace notifications live in the namespace too: a
+/// namespaced subscriber hears its own namespace's channels and keys under the names it
+/// used, never another namespace's; PUBLISH and PUBSUB are translated the same way, and a
+/// PUBLISH on L1's invalidation channel names the namespaced key.
+#[test]
+fn a_namespace_covers_channels_and_keyspace_notifications() {
+    let ns = fresh_namespace("chan");
+    let px = proxy_with(".toml", &format!("namespace = \"{ns}\"\n"));
+    let truth = Proxy::start(&shared_cluster().seeds(), &[], &[]);
+    for m in shared_cluster().master_addrs() {
+        let mut d = Resp::connect(&m);
+        assert_eq!(
+            s(d.cmd(&["CONFIG", "SET", "notify-keyspace-events", "KEA"])),
+            "+OK\r\n"
+        );
+    }
+    let mut sub = Resp::connect(&px.addr());
+    // Confirmations carry the client's names.
+    assert_eq!(
+        s(sub.cmd(&["SUBSCRIBE", "news"])),
+        message("subscribe", &["news"])
+            .replace("$4\r\nnews\r\n", "$4\r\nnews\r\n:1\r\n")
+            .replacen("*2", "*3", 1)
+    );
+    assert!(s(sub.cmd(&["PSUBSCRIBE", "__keyspace@0__:ev*"])).contains("__keyspace@0__:ev*"));
+    assert!(s(sub.cmd(&["SUBSCRIBE", "__keyevent@0__:set"])).contains("__keyevent@0__:set"));
+    assert!(s(sub.cmd(&["SSUBSCRIBE", "{s}shard"])).contains("{s}shard"));
+
+    let mut c = Resp::connect(&px.addr());
+    let mut t = Resp::connect(&truth.addr());
+    // Through the namespaced proxy: heard. Another namespace's `news`: not heard.
+    assert_eq!(s(c.cmd(&["PUBLISH", "news", "mine"])), ":1\r\n");
+    assert_eq!(s(t.cmd(&["PUBLISH", "news", "not mine"])), ":0\r\n");
+    assert_eq!(
+        s(t.cmd(&["PUBLISH", &format!("{ns}news"), "from outside"])),
+        ":1\r\n"
+    );
+    assert_eq!(s(c.cmd(&["SPUBLISH", "{s}shard", "sharded"])), ":1\r\n");
+    // Keyspace and keyevent notifications of this namespace's keys, not of others'.
+    assert_eq!(s(c.cmd(&["SET", "evk", "v"])), "+OK\r\n");
+    assert_eq!(s(t.cmd(&["SET", "evk", "v"])), "+OK\r\n");
+    let got = messages(&mut sub, Duration::from_millis(500));
+    let want = [
+        message("message", &["news", "mine"]),
+        message("message", &["news", "from outside"]),
+        message("smessage", &["{s}shard", "sharded"]),
+        message(
+            "pmessage",
+            &["__keyspace@0__:ev*", "__keyspace@0__:evk", "set"],
+        ),
+        message("message", &["__keyevent@0__:set", "evk"]),
+    ];
+    for w in &want {
+        assert_eq!(
+            got.iter().filter(|g| *g == w).count(),
+            1,
+            "expected {w:?} once in {got:?}"
+        );
+    }
+    assert_eq!(got.len(), want.len(), "unexpected messages in {got:?}");
+    // Messages within a channel keep their order.
+    let pos = |m: &str| got.iter().position(|g| g == m);
+    assert!(pos(&want[0]) < pos(&want[1]), "{got:?}");
+
+    // PUBSUB answers in the client's names and sees this namespace only.
+    assert_eq!(
+        s(c.cmd(&["PUBSUB", "NUMSUB", "news", "other"])),
+        "*4\r\n$4\r\nnews\r\n:1\r\n$5\r\nother\r\n:0\r\n"
+    );
+    let channels = s(c.cmd(&["PUBSUB", "CHANNELS"]));
+    assert!(channels.contains("\r\nnews\r\n"), "{channels}");
+    assert!(!channels.contains(&ns), "{channels}");
+    let channels = s(c.cmd(&["PUBSUB", "CHANNELS", "__keyevent@0__:*"]));
+    assert!(channels.contains("__keyevent@0__:set"), "{channels}");
+    assert_eq!(
+        s(c.cmd(&["PUBSUB", "SHARDNUMSUB", "{s}shard"])),
+        "*2\r\n$8\r\n{s}shard\r\n:1\r\n"
+    );
+
+    // L1's invalidation channel keeps its name; the key in the message is namespaced,
+    // and a namespaced subscriber hears its own namespace's keys only.
+    let mut inv = Resp::connect(&truth.addr());
+    assert!(s(inv.cmd(&["SUBSCRIBE", "cache:invalidate"])).contains("cache:invalidate"));
+    let mut nsub = Resp::connect(&px.addr());
+    assert!(s(nsub.cmd(&["SUBSCRIBE", "cache:invalidate"])).contains("cache:invalidate"));
+    assert_eq!(
+        s(t.cmd(&["PUBLISH", "cache:invalidate", "elsewhere:k"])),
+        ":2\r\n"
+    );
+    assert_eq!(s(c.cmd(&["PUBLISH", "cache:invalidate", "k1"])), ":2\r\n");
+    assert_eq!(
+        s(inv.read_reply()),
+        message("message", &["cache:invalidate", "elsewhere:k"])
+    );
+    assert_eq!(
+        s(inv.read_reply()),
+        message("message", &["cache:invalidate", &format!("{ns}k1")])
+    );
+    assert_eq!(
+        s(nsub.read_reply()),
+        message("message", &["cache:invalidate", "k1"])
+    );
+
+    // UNSUBSCRIBE of everything names the client's channels.
+    sub.send(&["UNSUBSCRIBE"]);
+    let mut names: Vec<String> = (0..2).map(|_| s(sub.read_reply())).collect();
+    names.sort();
+    assert!(names[0].contains("\r\n__keyevent@0__:set\r\n"), "{names:?}");
+    assert!(names[1].contains("\r\nnews\r\n"), "{names:?}");
 }
 
 /// A hot key read steadily through its expiry keeps being served from L1: refresh-ahead

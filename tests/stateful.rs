@@ -514,6 +514,74 @@ fn subscribers_get_messages_published_anywhere() {
     assert_eq!(s(sub.cmd(&["PING"])), "+PONG\r\n");
 }
 
+/// A cluster node publishes keyspace notifications only to its own subscribers: through
+/// the proxy a keyevent channel or a keyspace pattern hears every node's keys, and the
+/// keyspace channel of one key hears that key wherever it lives.
+#[test]
+fn keyspace_notifications_come_from_every_node() {
+    let t = tag("ps_notify").replace(['{', '}'], "");
+    for m in masters() {
+        assert_eq!(
+            s(Resp::connect(&m).cmd(&["CONFIG", "SET", "notify-keyspace-events", "KEA"])),
+            "+OK\r\n"
+        );
+    }
+    // Keys on every master.
+    let mut keys: Vec<String> = Vec::new();
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0.. {
+        let k = format!("{t}k{i}");
+        if owners.insert(owner(&k)) {
+            keys.push(k);
+        }
+        if owners.len() == masters().len() {
+            break;
+        }
+    }
+    let mut sub = Resp::connect(&proxy().addr());
+    sub.send(&["SUBSCRIBE", "__keyevent@0__:set"]);
+    assert!(s(sub.read_reply()).contains("__keyevent@0__:set"));
+    let pattern = format!("__keyspace@0__:{t}*");
+    sub.send(&["PSUBSCRIBE", &pattern]);
+    assert!(s(sub.read_reply()).contains(&pattern));
+    let last = keys.last().unwrap().clone();
+    let one = format!("__keyspace@0__:{last}");
+    sub.send(&["SUBSCRIBE", &one]);
+    assert!(s(sub.read_reply()).contains(&one));
+
+    let mut c = Resp::connect(&proxy().addr());
+    for k in &keys {
+        assert_eq!(s(c.cmd(&["SET", k, "v"])), "+OK\r\n");
+    }
+    let mut want: Vec<String> = keys
+        .iter()
+        .flat_map(|k| {
+            [
+                message("message", &["__keyevent@0__:set", k]),
+                message(
+                    "pmessage",
+                    &[&pattern, &format!("__keyspace@0__:{k}"), "set"],
+                ),
+            ]
+        })
+        .collect();
+    want.push(message("message", &[&one, "set"]));
+    // Other tests' SETs arrive on the keyevent channel too: only ours are counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while got.len() < want.len() && std::time::Instant::now() < deadline {
+        if let Some(m) = sub.read_reply_within(Duration::from_millis(200)) {
+            let m = s(m);
+            if want.contains(&m) {
+                got.push(m);
+            }
+        }
+    }
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
 /// The subscribe/unsubscribe replies, byte for byte as Redis sends them.
 #[test]
 fn subscription_replies_are_redis_replies() {

@@ -165,12 +165,24 @@ impl Session {
     }
 
     /// The connection is now `p` (AUTH, HELLO AUTH, RESET): its rights and namespace;
-    /// `default_ns` is the configured `namespace`.
-    pub fn become_user(&mut self, p: super::auth::Principal, default_ns: &str) {
-        self.namespace = namespace(p.namespace.as_deref().unwrap_or(default_ns));
+    /// `default_ns` is the configured `namespace`. Refused while subscribed if the key
+    /// namespace would change: the subscriptions' channel names live in the old one.
+    pub fn become_user(
+        &mut self,
+        p: super::auth::Principal,
+        default_ns: &str,
+    ) -> Result<(), crate::error::Error> {
+        let ns = namespace(p.namespace.as_deref().unwrap_or(default_ns));
+        if ns != self.namespace && self.subscribed() {
+            return Err(crate::error::Error::proxy(
+                "cannot switch to a user of another key namespace while subscribed: unsubscribe first",
+            ));
+        }
+        self.namespace = ns;
         self.readonly = p.readonly;
         self.user = p.name.clone();
         self.update_meta(|m| m.user = p.name);
+        Ok(())
     }
 
     pub fn id(&self) -> u64 {

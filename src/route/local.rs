@@ -129,10 +129,13 @@ pub fn handle_early(
             sess.name = None;
             sess.reply_mode = ReplyMode::On;
             sess.authenticated = !px.auth.required();
-            sess.become_user(
+            // Unsubscribed above: the namespace may change.
+            if let Err(e) = sess.become_user(
                 crate::client::auth::Principal::default_user(),
                 &px.cfg.namespace,
-            );
+            ) {
+                return Some(Pending::Ready(e.to_reply()));
+            }
             sess.update_meta(|m| {
                 m.name.clear();
                 m.resp = 2;
@@ -190,11 +193,13 @@ fn auth(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
         (None, &a[1][..])
     };
     match px.auth.check(user, pass) {
-        Ok(p) => {
-            sess.authenticated = true;
-            sess.become_user(p, &px.cfg.namespace);
-            Value::ok()
-        }
+        Ok(p) => match sess.become_user(p, &px.cfg.namespace) {
+            Ok(()) => {
+                sess.authenticated = true;
+                Value::ok()
+            }
+            Err(e) => e.to_reply(),
+        },
         Err(e) => {
             px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             e.to_reply()
@@ -243,8 +248,10 @@ fn hello(px: &Proxy, sess: &mut Session, a: &[Bytes]) -> Value {
     if let Some((u, p)) = creds {
         match px.auth.check(Some(&u), &p) {
             Ok(p) => {
+                if let Err(e) = sess.become_user(p, &px.cfg.namespace) {
+                    return e.to_reply();
+                }
                 sess.authenticated = true;
-                sess.become_user(p, &px.cfg.namespace);
             }
             Err(e) => {
                 px.stats.auth_failures.fetch_add(1, Ordering::Relaxed);

@@ -130,7 +130,7 @@ async fn dispatch_namespaced(
         .map(|t| t.lookup_lowered(&lowered, &req.args))
     {
         Some(Lookup::Found(info)) if info.arity_ok(req.args.len()) => {
-            match namespace::rewrite(&ns, &info, req) {
+            match namespace::rewrite(&ns, &info, px.cfg.l1.invalidation_channel.as_bytes(), req) {
                 Ok(r) => r,
                 Err(e) => return Pending::error(e),
             }

@@ -30,6 +30,10 @@ pub enum Strip {
     Scan,
     /// BLPOP, BZPOPMIN, LMPOP, ZMPOP, …: `[key, …]` (or nil).
     FirstOfArray,
+    /// PUBSUB CHANNELS / SHARDCHANNELS: channel names (those of other namespaces left out).
+    Channels,
+    /// PUBSUB NUMSUB / SHARDNUMSUB: `[channel, count, …]`.
+    NumSub,
 }
 
 /// Commands that reach every namespace at once: refused.
@@ -47,6 +51,8 @@ fn strip_for(name: &str) -> Strip {
         "blpop" | "brpop" | "bzpopmin" | "bzpopmax" | "blmpop" | "bzmpop" | "lmpop" | "zmpop" => {
             Strip::FirstOfArray
         }
+        "pubsub|channels" | "pubsub|shardchannels" => Strip::Channels,
+        "pubsub|numsub" | "pubsub|shardnumsub" => Strip::NumSub,
         _ => Strip::Nothing,
     }
 }
@@ -71,8 +77,14 @@ fn prefixed(ns: &[u8], v: &[u8]) -> Bytes {
 }
 
 /// Rewrites a request known to the command table into namespace `ns`. `Err` is the
-/// reply for a command the namespace cannot allow.
-pub fn rewrite(ns: &[u8], info: &CommandInfo, req: Request) -> Result<(Request, Strip), Error> {
+/// reply for a command the namespace cannot allow. `event_channel` is L1's invalidation
+/// channel: a message there names a key, so the key is what gets the namespace.
+pub fn rewrite(
+    ns: &[u8],
+    info: &CommandInfo,
+    event_channel: &[u8],
+    req: Request,
+) -> Result<(Request, Strip), Error> {
     let name = info.name.as_str();
     if whole_database(name) {
         return Err(Error::proxy(format!(
@@ -80,9 +92,36 @@ pub fn rewrite(ns: &[u8], info: &CommandInfo, req: Request) -> Result<(Request, 
             name.to_ascii_uppercase()
         )));
     }
+    if is_subscribe(name) {
+        // The subscription keeps the client's names (its confirmations show them);
+        // pub/sub translates each name on its way to Redis and back.
+        return Ok((req, Strip::Nothing));
+    }
     let mut args = req.args;
-    for i in info.key_indices(&args) {
-        args[i] = prefixed(ns, &args[i]);
+    match name {
+        // SPUBLISH declares its channel as a (not-key) key: translated here, once.
+        "publish" | "spublish" if args.len() == 3 => {
+            if !event_channel.is_empty() && args[1] == event_channel {
+                args[2] = prefixed(ns, &args[2]);
+            } else {
+                args[1] = channel_in(ns, event_channel, &args[1], false);
+            }
+            return Ok((Request::from_args(args), Strip::Nothing));
+        }
+        "pubsub|numsub" | "pubsub|shardnumsub" => {
+            for a in &mut args[2..] {
+                *a = channel_in(ns, event_channel, a, false);
+            }
+        }
+        "pubsub|channels" | "pubsub|shardchannels" => match args.len() {
+            2 => args.push(channel_in(ns, event_channel, b"*", true)),
+            _ => args[2] = channel_in(ns, event_channel, &args[2], true),
+        },
+        _ => {
+            for i in info.key_indices(&args) {
+                args[i] = prefixed(ns, &args[i]);
+            }
+        }
     }
     match name {
         "keys" if args.len() == 2 => {
@@ -109,6 +148,117 @@ pub fn rewrite(ns: &[u8], info: &CommandInfo, req: Request) -> Result<(Request, 
         _ => {}
     }
     Ok((Request::from_args(args), strip_for(name)))
+}
+
+fn is_subscribe(name: &str) -> bool {
+    matches!(
+        name,
+        "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe"
+    )
+}
+
+const KEYSPACE: &[u8] = b"__keyspace@";
+const KEYEVENT: &[u8] = b"__keyevent@";
+
+/// Where the key starts in a keyspace-notification channel (`__keyspace@<db>__:<key>`,
+/// `<db>` possibly a glob); 0 for any other channel, whose whole name is the client's.
+fn key_part(ch: &[u8]) -> usize {
+    if !ch.starts_with(KEYSPACE) {
+        return 0;
+    }
+    ch[KEYSPACE.len()..]
+        .windows(3)
+        .position(|w| w == b"__:")
+        .map_or(0, |i| KEYSPACE.len() + i + 3)
+}
+
+/// The key a keyspace-notification channel is about.
+pub fn keyspace_key(ch: &[u8]) -> Option<&[u8]> {
+    match key_part(ch) {
+        0 => None,
+        at => Some(&ch[at..]),
+    }
+}
+
+/// A keyevent-notification channel (`__keyevent@<db>__:<event>`): shared by every
+/// namespace, the key is the message.
+pub fn is_keyevent(ch: &[u8]) -> bool {
+    ch.starts_with(KEYEVENT)
+}
+
+/// A channel every namespace shares, whose messages are key names: a keyevent
+/// notification's, and L1's invalidation channel `event` (empty: none).
+fn names_keys(ch: &[u8], pattern: bool, event: &[u8]) -> bool {
+    is_keyevent(ch) || (!pattern && !event.is_empty() && ch == event)
+}
+
+/// Channel `ch` (a glob pattern if `pattern`) in namespace `ns`: `news` becomes
+/// `ns:news`, `__keyspace@0__:k` becomes `__keyspace@0__:ns:k` (the key is namespaced);
+/// a keyevent channel and L1's invalidation channel `event` stay as they are (their
+/// messages name keys: those are translated instead).
+pub fn channel_in(ns: &[u8], event: &[u8], ch: &[u8], pattern: bool) -> Bytes {
+    if names_keys(ch, pattern, event) {
+        return Bytes::copy_from_slice(ch);
+    }
+    let at = key_part(ch);
+    let mut b = BytesMut::with_capacity(ch.len() + 2 * ns.len());
+    b.put_slice(&ch[..at]);
+    if pattern {
+        b.put_slice(&escape_glob(ns));
+    } else {
+        b.put_slice(ns);
+    }
+    b.put_slice(&ch[at..]);
+    b.freeze()
+}
+
+/// The client's name for channel (or pattern) `ch` of Redis; `None` if it is not in
+/// namespace `ns`.
+pub fn channel_out(ns: &[u8], event: &[u8], ch: &[u8], pattern: bool) -> Option<Bytes> {
+    if names_keys(ch, pattern, event) {
+        return Some(Bytes::copy_from_slice(ch));
+    }
+    let at = key_part(ch);
+    let escaped;
+    let prefix = if pattern {
+        escaped = escape_glob(ns);
+        &escaped[..]
+    } else {
+        ns
+    };
+    let rest = ch[at..].strip_prefix(prefix)?;
+    let mut b = BytesMut::with_capacity(ch.len());
+    b.put_slice(&ch[..at]);
+    b.put_slice(rest);
+    Some(b.freeze())
+}
+
+/// A `message`, `pmessage` or `smessage` frame from Redis as a client of namespace `ns`
+/// sees it: channel (and pattern) names without the namespace, and the key named by a
+/// keyevent notification or an L1 invalidation (channel `event`) without it. `None`: the
+/// message is about another namespace's key.
+pub fn message_out(ns: &[u8], event: &[u8], frame: &Bytes) -> Option<Bytes> {
+    let mut items = split_aggregate(frame)?;
+    let kind = as_str(items.first()?)?;
+    let (pattern_at, channel_at) = match kind {
+        b"message" | b"smessage" if items.len() == 3 => (None, 1),
+        b"pmessage" if items.len() == 4 => (Some(1), 2),
+        _ => return Some(frame.clone()),
+    };
+    let channel = as_str(&items[channel_at])?;
+    if names_keys(channel, false, event) {
+        let payload = &items[channel_at + 1];
+        let key = as_str(payload)?.strip_prefix(ns)?;
+        items[channel_at + 1] = rebulk(payload, key);
+    } else {
+        let out = channel_out(ns, event, channel, false)?;
+        items[channel_at] = rebulk(&items[channel_at], &out);
+    }
+    if let Some(p) = pattern_at {
+        let out = channel_out(ns, event, as_str(&items[p])?, true)?;
+        items[p] = rebulk(&items[p], &out);
+    }
+    Some(reassemble(frame, items.len(), &items))
 }
 
 /// Whether an argument of TIERPROXY.L1 WARM is a SCAN pattern rather than a key.
@@ -171,42 +321,84 @@ pub fn strip_reply(
     p.then(move |p| async move {
         // Forwarded replies are raw already; merged ones (cluster SCAN, KEYS) are encoded.
         let raw = p.resolve(&px).await.to_bytes(proto);
-        Value::Raw(strip_raw(&ns, how, raw))
+        Value::Raw(strip_raw(
+            &ns,
+            px.cfg.l1.invalidation_channel.as_bytes(),
+            how,
+            raw,
+        ))
     })
 }
 
-fn strip_raw(ns: &[u8], how: Strip, raw: Bytes) -> Bytes {
+fn strip_raw(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
     let Some(items) = split_aggregate(&raw) else {
         return raw;
     };
-    let header_len = raw.len() - items.iter().map(|i| i.len()).sum::<usize>();
-    let mut out = BytesMut::with_capacity(raw.len());
-    out.put_slice(&raw[..header_len]);
-    for (n, item) in items.iter().enumerate() {
-        match how {
-            Strip::Array => out.put_slice(&strip_bulk(ns, item)),
-            Strip::Scan if n == 1 => out.put_slice(&strip_raw(ns, Strip::Array, item.clone())),
-            Strip::FirstOfArray if n == 0 => out.put_slice(&strip_bulk(ns, item)),
-            _ => out.put_slice(item),
-        }
+    if raw.get(1) == Some(&b'-') {
+        // A nil array (a pop that timed out).
+        return raw;
+    }
+    if how == Strip::Channels {
+        let kept: Vec<Bytes> = items
+            .iter()
+            .filter_map(|item| {
+                let out = channel_out(ns, event, as_str(item)?, false)?;
+                Some(rebulk(item, &out))
+            })
+            .collect();
+        return reassemble(&raw, kept.len(), &kept);
+    }
+    let items: Vec<Bytes> = items
+        .into_iter()
+        .enumerate()
+        .map(|(n, item)| match how {
+            Strip::Array => strip_bulk(ns, &item),
+            Strip::Scan if n == 1 => strip_raw(ns, event, Strip::Array, item),
+            Strip::FirstOfArray if n == 0 => strip_bulk(ns, &item),
+            Strip::NumSub if n % 2 == 0 => {
+                match as_str(&item).and_then(|c| channel_out(ns, event, c, false)) {
+                    Some(c) => rebulk(&item, &c),
+                    None => item,
+                }
+            }
+            _ => item,
+        })
+        .collect();
+    reassemble(&raw, items.len(), &items)
+}
+
+/// Aggregate `raw`'s type with `n` elements `items` (already encoded).
+fn reassemble(raw: &[u8], n: usize, items: &[Bytes]) -> Bytes {
+    let mut out = BytesMut::with_capacity(raw.len() + 16);
+    out.put_u8(raw[0]);
+    // A map's count is of pairs.
+    let n = if raw[0] == b'%' { n / 2 } else { n };
+    out.put_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.put_slice(b"\r\n");
+    for i in items {
+        out.put_slice(i);
     }
     out.freeze()
 }
 
 /// A bulk string without the namespace prefix (unchanged if it lacks it).
 fn strip_bulk(ns: &[u8], item: &Bytes) -> Bytes {
-    let Some(s) = as_str(item) else {
-        return item.clone();
-    };
-    let Some(rest) = s.strip_prefix(ns) else {
-        return item.clone();
-    };
-    let mut out = BytesMut::with_capacity(rest.len() + 16);
+    match as_str(item).and_then(|s| s.strip_prefix(ns)) {
+        Some(rest) => rebulk(item, rest),
+        None => item.clone(),
+    }
+}
+
+/// `content` encoded as `item` was (bulk, verbatim-less RESP3 blob or simple string).
+fn rebulk(item: &[u8], content: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(content.len() + 16);
     let marker = item[0];
     out.put_u8(marker);
-    out.put_slice(itoa::Buffer::new().format(rest.len()).as_bytes());
-    out.put_slice(b"\r\n");
-    out.put_slice(rest);
+    if marker != b'+' {
+        out.put_slice(itoa::Buffer::new().format(content.len()).as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(content);
     out.put_slice(b"\r\n");
     out.freeze()
 }
@@ -219,21 +411,81 @@ mod tests {
     fn strips_keys_scan_and_pops() {
         let keys = Bytes::from_static(b"*2\r\n$6\r\nns:abc\r\n$7\r\nns:{x}y\r\n");
         assert_eq!(
-            &strip_raw(b"ns:", Strip::Array, keys)[..],
+            &strip_raw(b"ns:", b"", Strip::Array, keys)[..],
             b"*2\r\n$3\r\nabc\r\n$4\r\n{x}y\r\n"
         );
         let scan = Bytes::from_static(b"*2\r\n$2\r\n17\r\n*1\r\n$4\r\nns:k\r\n");
         assert_eq!(
-            &strip_raw(b"ns:", Strip::Scan, scan)[..],
+            &strip_raw(b"ns:", b"", Strip::Scan, scan)[..],
             b"*2\r\n$2\r\n17\r\n*1\r\n$1\r\nk\r\n"
         );
         let pop = Bytes::from_static(b"*2\r\n$4\r\nns:l\r\n$4\r\nns:v\r\n");
         assert_eq!(
-            &strip_raw(b"ns:", Strip::FirstOfArray, pop)[..],
+            &strip_raw(b"ns:", b"", Strip::FirstOfArray, pop)[..],
             b"*2\r\n$1\r\nl\r\n$4\r\nns:v\r\n"
         );
         let nil = Bytes::from_static(b"*-1\r\n");
-        assert_eq!(&strip_raw(b"ns:", Strip::FirstOfArray, nil)[..], b"*-1\r\n");
+        assert_eq!(
+            &strip_raw(b"ns:", b"", Strip::FirstOfArray, nil)[..],
+            b"*-1\r\n"
+        );
+    }
+
+    #[test]
+    fn channels_and_notifications_move_into_the_namespace_and_back() {
+        let cases: [(&[u8], bool, &[u8]); 7] = [
+            (b"inv", false, b"inv"),
+            (b"inv", true, b"n\\*:inv"),
+            (b"news", false, b"n*:news"),
+            (b"__keyspace@0__:k", false, b"__keyspace@0__:n*:k"),
+            (b"__keyspace@*__:k*", true, b"__keyspace@*__:n\\*:k*"),
+            (b"__keyevent@0__:set", false, b"__keyevent@0__:set"),
+            (b"new?", true, b"n\\*:new?"),
+        ];
+        for (client, pattern, redis) in cases {
+            assert_eq!(&channel_in(b"n*:", b"inv", client, pattern)[..], redis);
+            assert_eq!(
+                channel_out(b"n*:", b"inv", redis, pattern).as_deref(),
+                Some(client)
+            );
+        }
+        assert_eq!(channel_out(b"n:", b"inv", b"other:news", false), None);
+        assert_eq!(
+            channel_out(b"n:", b"inv", b"__keyspace@0__:other:k", false),
+            None
+        );
+    }
+
+    #[test]
+    fn messages_lose_the_namespace_and_other_namespaces_keys_are_dropped() {
+        let m = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$6\r\nn:news\r\n$2\r\nhi\r\n");
+        assert_eq!(
+            &message_out(b"n:", b"inv", &m).unwrap()[..],
+            b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n"
+        );
+        let p = Bytes::from_static(
+            b">4\r\n$8\r\npmessage\r\n$18\r\n__keyspace@0__:n:*\r\n$18\r\n__keyspace@0__:n:k\r\n$3\r\nset\r\n",
+        );
+        assert_eq!(
+            &message_out(b"n:", b"inv", &p).unwrap()[..],
+            &b">4\r\n$8\r\npmessage\r\n$16\r\n__keyspace@0__:*\r\n$16\r\n__keyspace@0__:k\r\n$3\r\nset\r\n"[..]
+        );
+        let ours = Bytes::from_static(
+            b"*3\r\n$7\r\nmessage\r\n$18\r\n__keyevent@0__:set\r\n$3\r\nn:k\r\n",
+        );
+        assert_eq!(
+            &message_out(b"n:", b"inv", &ours).unwrap()[..],
+            b"*3\r\n$7\r\nmessage\r\n$18\r\n__keyevent@0__:set\r\n$1\r\nk\r\n"
+        );
+        let theirs = Bytes::from_static(
+            b"*3\r\n$7\r\nmessage\r\n$18\r\n__keyevent@0__:set\r\n$3\r\nm:k\r\n",
+        );
+        assert_eq!(message_out(b"n:", b"inv", &theirs), None);
+        let inv = Bytes::from_static(b"*3\r\n$7\r\nmessage\r\n$3\r\ninv\r\n$3\r\nn:k\r\n");
+        assert_eq!(
+            &message_out(b"n:", b"inv", &inv).unwrap()[..],
+            b"*3\r\n$7\r\nmessage\r\n$3\r\ninv\r\n$1\r\nk\r\n"
+        );
     }
 
     #[test]

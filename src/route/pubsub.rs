@@ -26,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::Pending;
+use super::{namespace, Pending};
 use crate::client::session::Session;
 use crate::error::Error;
 use crate::parse::reply::{as_int, as_str, error_text, frame_len, split_aggregate};
@@ -124,7 +124,7 @@ impl Outbox {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Kind {
     Channel,
     Pattern,
@@ -163,35 +163,161 @@ impl Kind {
 /// A session's subscriptions and the connections that carry them.
 pub struct PubSub {
     sets: [BTreeSet<Bytes>; 3],
-    /// Patterns (they match channels of every slot: any node will do).
-    main: Option<SubConn>,
-    /// Channels (per node owning their slot at subscription time) and shard channels
-    /// (per slot: a reconnect finds the slot's owner, and one SSUBSCRIBE names one slot).
-    by_node: HashMap<ConnKey, SubConn>,
-    /// Which connection carries each channel / shard channel.
-    node_of: HashMap<(bool, Bytes), ConnKey>,
+    /// The upstream connections, by what they are for (see [`ConnKey`]).
+    conns: HashMap<ConnKey, SubConn>,
+    /// Which connections carry each subscription (a keyevent channel: one per master).
+    carried_by: HashMap<(Kind, Bytes), Vec<ConnKey>>,
     /// Subscriptions the upstream refused or never confirmed: taken back at the next
     /// command (see [`PubSub::settle`]).
     failed: Arc<Mutex<Vec<(Kind, Bytes)>>>,
     pub out: Arc<Outbox>,
+    /// The key namespace the subscriptions live in (fixed while there are any: the
+    /// session refuses to switch to a user of another namespace meanwhile), and L1's
+    /// invalidation channel, which every namespace shares.
+    ns: Option<(Bytes, Bytes)>,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// What an upstream subscriber connection is for, which says where it (re)connects.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum ConnKey {
+    /// Patterns: PUBLISH reaches every node in a cluster, so any node hears every message.
+    Any,
+    /// Channels, on the node that owned their slot at subscription time (PUBLISH goes
+    /// there too, see [`publish_target`]); a reconnect finds their slot's owner.
     Node(Arc<str>),
+    /// Shard channels of one slot (one SSUBSCRIBE names one slot).
     Slot(u16),
+    /// Keyspace notifications, which a cluster node publishes only to its own
+    /// subscribers: one connection per master, to the owner of the master's first slot.
+    Master(u16),
+}
+
+impl ConnKey {
+    /// Where the connection goes; `None`: the owner of its first channel's slot.
+    fn target(&self) -> Option<Target> {
+        match self {
+            ConnKey::Any => Some(Target::Any),
+            ConnKey::Node(_) => None,
+            ConnKey::Slot(s) | ConnKey::Master(s) => Some(Target::Slot(*s)),
+        }
+    }
+}
+
+/// The slot of a channel: a keyspace notification's is its key's (where the key lives is
+/// the node that publishes it), any other channel's is its name's.
+fn channel_slot(ch: &[u8]) -> u16 {
+    match namespace::keyspace_key(ch) {
+        Some(key) => key_slot(key),
+        None => key_slot(ch),
+    }
+}
+
+/// Subscriptions that hear keyspace notifications from every node: a keyevent channel
+/// (the event of every key), and a pattern over keyspace or keyevent channels. Other
+/// patterns stay on one connection, since a PUBLISH reaches every node.
+fn on_every_master(kind: Kind, upstream_name: &[u8]) -> bool {
+    match kind {
+        Kind::Channel => namespace::is_keyevent(upstream_name),
+        Kind::Pattern => {
+            upstream_name.starts_with(b"__keyspace@") || namespace::is_keyevent(upstream_name)
+        }
+        Kind::Shard => false,
+    }
 }
 
 impl PubSub {
-    fn new(limit: u64) -> PubSub {
+    fn new(limit: u64, ns: Option<(Bytes, Bytes)>) -> PubSub {
         PubSub {
             sets: Default::default(),
-            main: None,
-            by_node: HashMap::new(),
-            node_of: HashMap::new(),
+            conns: HashMap::new(),
+            carried_by: HashMap::new(),
             failed: Arc::new(Mutex::new(Vec::new())),
             out: Arc::new(Outbox::new(limit)),
+            ns,
         }
+    }
+
+    /// Redis's name for the client's channel or pattern `name`.
+    fn upstream_name(&self, kind: Kind, name: &Bytes) -> Bytes {
+        match &self.ns {
+            Some((ns, event)) => namespace::channel_in(ns, event, name, kind == Kind::Pattern),
+            None => name.clone(),
+        }
+    }
+
+    /// The connections that should carry subscription `name` of `kind`.
+    fn place(&self, px: &Proxy, kind: Kind, name: &Bytes) -> Vec<ConnKey> {
+        let upstream = self.upstream_name(kind, name);
+        if on_every_master(kind, &upstream) {
+            if let Ok(t) = px.upstream.topology() {
+                let masters: Vec<ConnKey> = t
+                    .masters_by_first_slot()
+                    .into_iter()
+                    .map(|(slot, _)| ConnKey::Master(slot))
+                    .collect();
+                if !masters.is_empty() {
+                    return masters;
+                }
+            }
+        }
+        vec![match kind {
+            Kind::Pattern => ConnKey::Any,
+            Kind::Shard => ConnKey::Slot(key_slot(&upstream)),
+            Kind::Channel => ConnKey::Node(
+                px.upstream
+                    .resolve_target(&Target::Slot(channel_slot(&upstream)))
+                    .map(|node| node.addr.clone())
+                    .unwrap_or_else(|_| Arc::from("?")),
+            ),
+        }]
+    }
+
+    /// Hands a change of subscriptions `names` to the connections that carry them
+    /// (starting those that are new, closing those left with nothing): one ack per
+    /// connection, with the names it carries.
+    fn hand_over(
+        &mut self,
+        px: &Proxy,
+        proto: Proto,
+        kind: Kind,
+        sub: bool,
+        names: Vec<Bytes>,
+    ) -> Vec<(Vec<Bytes>, Ack)> {
+        let mut by_conn: HashMap<ConnKey, Vec<Bytes>> = HashMap::new();
+        for n in names {
+            let keys = if sub {
+                let keys = self.place(px, kind, &n);
+                self.carried_by.insert((kind, n.clone()), keys.clone());
+                keys
+            } else {
+                match self.carried_by.remove(&(kind, n.clone())) {
+                    Some(k) => k,
+                    None => continue,
+                }
+            };
+            for k in keys {
+                by_conn.entry(k).or_default().push(n.clone());
+            }
+        }
+        let mut acks = Vec::new();
+        for (key, names) in by_conn {
+            let upstream = names.iter().map(|n| self.upstream_name(kind, n)).collect();
+            let conn = self.conns.entry(key.clone()).or_insert_with(|| {
+                SubConn::spawn(
+                    px.upstream.clone(),
+                    proto,
+                    self.out.clone(),
+                    self.ns.clone(),
+                    key.target(),
+                )
+            });
+            acks.push((names, conn.change(kind, sub, upstream)));
+            if !self.carried_by.values().any(|ks| ks.contains(&key)) {
+                // Closing the connection unsubscribes whatever it carried.
+                self.conns.remove(&key);
+            }
+        }
+        acks
     }
 
     /// Redis's count for (un)subscribe replies of this kind.
@@ -219,22 +345,17 @@ impl PubSub {
                 continue;
             }
             metrics::SUBSCRIPTIONS_NOW.fetch_sub(1, Ordering::Relaxed);
-            let conn = match kind {
-                Kind::Pattern => self.main.as_ref(),
-                _ => self
-                    .node_of
-                    .remove(&(kind == Kind::Shard, name.clone()))
-                    .and_then(|k| self.by_node.get(&k)),
-            };
-            if let Some(c) = conn {
-                drop(c.change(kind, false, vec![name]));
+            let keys = self.carried_by.remove(&(kind, name.clone()));
+            let upstream = self.upstream_name(kind, &name);
+            for k in keys.unwrap_or_default() {
+                if let Some(c) = self.conns.get(&k) {
+                    drop(c.change(kind, false, vec![upstream.clone()]));
+                }
             }
         }
-        if self.sets[Kind::Pattern.idx()].is_empty() {
-            self.main = None;
-        }
-        let used: std::collections::HashSet<ConnKey> = self.node_of.values().cloned().collect();
-        self.by_node.retain(|k, _| used.contains(k));
+        let carried = &self.carried_by;
+        self.conns
+            .retain(|k, _| carried.values().any(|ks| ks.contains(k)));
     }
 }
 
@@ -285,17 +406,29 @@ pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -
     };
     let cluster = px.upstream.mode() == Some(Mode::Cluster);
     let names: Vec<Bytes> = req.args[1..].to_vec();
-    // Redis Cluster: one SSUBSCRIBE names channels of one slot.
-    if kind == Kind::Shard
-        && cluster
-        && names.windows(2).any(|w| key_slot(&w[0]) != key_slot(&w[1]))
-    {
-        return Pending::error(Error::crossslot());
-    }
     let limit = px.cfg.client.pubsub_output_limit;
+    let ns = sess.namespace.clone().map(|ns| {
+        let event = Bytes::from(px.cfg.l1.invalidation_channel.clone());
+        (ns, event)
+    });
     let ps = sess
         .pubsub
-        .get_or_insert_with(|| Box::new(PubSub::new(limit)));
+        .get_or_insert_with(|| Box::new(PubSub::new(limit, ns.clone())));
+    if ps.ns != ns && !ps.active() {
+        // The user changed since the last subscription: the next ones are in its namespace.
+        **ps = PubSub::new(limit, ns);
+    }
+    // Redis Cluster: one SSUBSCRIBE names channels of one slot (Redis's names: a
+    // namespace moves the slot).
+    if kind == Kind::Shard && cluster {
+        let slots: BTreeSet<u16> = names
+            .iter()
+            .map(|n| key_slot(&ps.upstream_name(kind, n)))
+            .collect();
+        if slots.len() > 1 {
+            return Pending::error(Error::crossslot());
+        }
+    }
     let proto = sess.proto;
     let mut replies = Vec::new();
     let mut changed = Vec::new();
@@ -333,56 +466,7 @@ pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -
         return Pending::Ready(reply);
     }
 
-    // Hand the change to the connection(s) that carry this kind. Channels live on the
-    // owner of their slot, like shard channels: PUBLISH goes there too (see
-    // `publish_target`), so its count includes every subscriber of this proxy.
-    let mut acks = Vec::new();
-    if kind == Kind::Pattern {
-        let conn = ps
-            .main
-            .get_or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
-        acks.push((changed.clone(), conn.change(kind, sub, changed)));
-        if ps.sets[Kind::Pattern.idx()].is_empty() {
-            // Closing the connection unsubscribes whatever it carried.
-            ps.main = None;
-        }
-    } else {
-        let shard = kind == Kind::Shard;
-        let mut by_conn: HashMap<ConnKey, Vec<Bytes>> = HashMap::new();
-        for n in changed {
-            let addr = if sub {
-                let slot = key_slot(&n);
-                let addr = if shard {
-                    ConnKey::Slot(slot)
-                } else {
-                    ConnKey::Node(
-                        px.upstream
-                            .resolve_target(&Target::Slot(slot))
-                            .map(|node| node.addr.clone())
-                            .unwrap_or_else(|_| Arc::from("?")),
-                    )
-                };
-                ps.node_of.insert((shard, n.clone()), addr.clone());
-                addr
-            } else {
-                match ps.node_of.remove(&(shard, n.clone())) {
-                    Some(a) => a,
-                    None => continue,
-                }
-            };
-            by_conn.entry(addr).or_default().push(n);
-        }
-        for (addr, names) in by_conn {
-            let conn = ps
-                .by_node
-                .entry(addr.clone())
-                .or_insert_with(|| SubConn::spawn(px.upstream.clone(), proto, ps.out.clone()));
-            acks.push((names.clone(), conn.change(kind, sub, names)));
-            if !ps.node_of.values().any(|a| *a == addr) {
-                ps.by_node.remove(&addr);
-            }
-        }
-    }
+    let acks = ps.hand_over(px, proto, kind, sub, changed);
     let timeout = px.upstream.settings.request_timeout;
     let out = ps.out.clone();
     let failed = ps.failed.clone();
@@ -453,9 +537,15 @@ impl Drop for SubConn {
 }
 
 impl SubConn {
-    fn spawn(up: Arc<Upstream>, proto: Proto, out: Arc<Outbox>) -> SubConn {
+    fn spawn(
+        up: Arc<Upstream>,
+        proto: Proto,
+        out: Arc<Outbox>,
+        ns: Option<(Bytes, Bytes)>,
+        target: Option<Target>,
+    ) -> SubConn {
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(run(up, proto, out, rx));
+        let task = tokio::spawn(run(up, proto, out, ns, target, rx));
         SubConn {
             tx,
             task: task.abort_handle(),
@@ -485,6 +575,8 @@ async fn run(
     up: Arc<Upstream>,
     proto: Proto,
     out: Arc<Outbox>,
+    ns: Option<(Bytes, Bytes)>,
+    pinned: Option<Target>,
     mut rx: mpsc::UnboundedReceiver<Change>,
 ) {
     let mut sets: [BTreeSet<Bytes>; 3] = Default::default();
@@ -512,10 +604,11 @@ async fn run(
             backoff = (backoff * 2).min(Duration::from_secs(1));
             up.request_refresh();
         }
-        // Wherever the slot of what it carries lives now (patterns: any node).
-        let target = match sets[0].iter().chain(sets[2].iter()).next() {
-            Some(ch) => Target::Slot(key_slot(ch)),
-            None => Target::Any,
+        // Where it is pinned, or wherever the slot of what it carries lives now.
+        let target = match (&pinned, sets[0].iter().next()) {
+            (Some(t), _) => t.clone(),
+            (None, Some(ch)) => Target::Slot(channel_slot(ch)),
+            (None, None) => Target::Any,
         };
         let session = async {
             let node = up.resolve_target(&target).map_err(|e| e.to_string())?;
@@ -610,7 +703,7 @@ async fn run(
                 let frame = buf.split_to(n).freeze();
                 pinged = false;
                 quiet.reset();
-                match on_frame(&up, &frame, &mut waiting, &out) {
+                match on_frame(&up, &frame, &mut waiting, &out, ns.as_ref()) {
                     Frame::Ok => {}
                     Frame::Unsolicited => {
                         // The node gave up a shard channel (its slot moved): subscribe
@@ -714,7 +807,13 @@ enum Frame {
     Overflow,
 }
 
-fn on_frame(up: &Upstream, frame: &Bytes, waiting: &mut VecDeque<Waiting>, out: &Outbox) -> Frame {
+fn on_frame(
+    up: &Upstream,
+    frame: &Bytes,
+    waiting: &mut VecDeque<Waiting>,
+    out: &Outbox,
+    ns: Option<&(Bytes, Bytes)>,
+) -> Frame {
     if error_text(frame).is_some_and(|e| e.starts_with("MOVED ")) {
         // Our slot map was stale: learn the new owner and reconnect there (whoever
         // waits is confirmed by the resubscription).
@@ -736,7 +835,16 @@ fn on_frame(up: &Upstream, frame: &Bytes, waiting: &mut VecDeque<Waiting>, out: 
     let kind = items.first().and_then(|k| as_str(k)).unwrap_or_default();
     match kind {
         b"message" | b"pmessage" | b"smessage" => {
-            if out.push(frame.clone()) {
+            let frame = match ns {
+                // The client's names; a keyevent about another namespace's key is not
+                // for this client.
+                Some((ns, event)) => match namespace::message_out(ns, event, frame) {
+                    Some(f) => f,
+                    None => return Frame::Ok,
+                },
+                None => frame.clone(),
+            };
+            if out.push(frame) {
                 Frame::Ok
             } else {
                 Frame::Overflow
