@@ -26,6 +26,21 @@ pub fn has_value_positions(name: &str, argc: usize) -> bool {
     }
 }
 
+/// Whether any value of this write must go to the spill store (large, or looking like
+/// a stub).
+pub fn must_wrap_any(spill: &Spill, name: &str, args: &[Bytes]) -> bool {
+    let (first, step) = match name {
+        "set" | "setnx" | "getset" => (2, usize::MAX),
+        "setex" | "psetex" => (3, usize::MAX),
+        "mset" | "msetnx" => (2, 2),
+        _ => return false,
+    };
+    args.iter()
+        .skip(first)
+        .step_by(step)
+        .any(|v| spill.must_wrap(v))
+}
+
 pub fn value_positions(name: &str, argc: usize) -> Vec<usize> {
     match name {
         "set" | "setnx" | "getset" if argc >= 3 => vec![2],

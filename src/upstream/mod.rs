@@ -39,6 +39,15 @@ pub enum Mode {
     Standalone,
 }
 
+/// Whether a reply asks for more than handing it to the client: a redirect (MOVED, ASK,
+/// TRYAGAIN) or CLUSTERDOWN.
+fn needs_follow_up(reply: &[u8]) -> bool {
+    reply.first() == Some(&b'-')
+        && [&b"-MOVED "[..], b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN"]
+            .iter()
+            .any(|p| reply.starts_with(p))
+}
+
 /// Which node a request goes to.
 #[derive(Clone)]
 pub enum Target {
@@ -219,17 +228,23 @@ impl Node {
 
     /// The connection `hint` picks (a client always picks the same one, which keeps its
     /// commands to one node in order), connecting it if needed.
+    /// The pool's connection for `hint` if it is up, without waiting.
+    pub fn live_conn(&self, proto: Proto, hint: usize) -> Option<Arc<PipeConn>> {
+        let pool = &self.pools[(proto == Proto::Resp3) as usize];
+        pool[hint % pool.len()].live()
+    }
+
     pub async fn conn(
         &self,
         proto: Proto,
         hint: usize,
         s: &Settings,
     ) -> Result<Arc<PipeConn>, UpstreamError> {
-        let pool = &self.pools[(proto == Proto::Resp3) as usize];
-        let slot = &pool[hint % pool.len()];
-        if let Some(c) = slot.live() {
+        if let Some(c) = self.live_conn(proto, hint) {
             return Ok(c);
         }
+        let pool = &self.pools[(proto == Proto::Resp3) as usize];
+        let slot = &pool[hint % pool.len()];
         let _guard = slot.connecting.lock().await;
         if let Some(c) = slot.live() {
             return Ok(c);
@@ -512,6 +527,43 @@ impl Upstream {
     /// ([`Self::wait_for_failover`]): the caller dispatches nothing after it meanwhile, so
     /// a pipeline's later commands cannot overtake it.
     pub async fn start(&self, target: Target, data: Bytes, proto: Proto, hint: usize) -> Ticket {
+        match self.try_start(target, data, proto, hint) {
+            Ok(t) => t,
+            // Boxed: connecting and waiting for a failover make a large future, which
+            // would otherwise sit inside every caller's, on the path of every request.
+            Err((target, data)) => Box::pin(self.start_slow(target, data, proto, hint)).await,
+        }
+    }
+
+    /// The common case of [`Self::start`], without waiting: the target's node is known
+    /// and its connection is up. `Err` hands the request back for the slow path.
+    fn try_start(
+        &self,
+        target: Target,
+        data: Bytes,
+        proto: Proto,
+        hint: usize,
+    ) -> Result<Ticket, (Target, Bytes)> {
+        let Some(conn) = self
+            .resolve(&target)
+            .ok()
+            .and_then(|node| node.live_conn(proto, hint))
+        else {
+            return Err((target, data));
+        };
+        match conn.send(data.clone(), 0) {
+            Ok(rx) => Ok(Ticket {
+                target,
+                data,
+                proto,
+                hint,
+                state: Ok((conn, rx)),
+            }),
+            Err(_) => Err((target, data)),
+        }
+    }
+
+    async fn start_slow(&self, target: Target, data: Bytes, proto: Proto, hint: usize) -> Ticket {
         let state = match self.resolve(&target) {
             Ok(node) => self.queue(&node, data.clone(), 0, proto, hint).await,
             Err(e) => Err(e),
@@ -542,13 +594,33 @@ impl Upstream {
             hint,
             state,
         } = t;
+        let (conn, rx) = state?;
+        // No timer per request: the connection's watchdog fails its requests with
+        // `Timeout` (and closes it) once the oldest has waited request_timeout.
+        let got = rx.await;
+        match got {
+            Ok(Ok(reply)) if !needs_follow_up(&reply) => Ok(reply),
+            // Boxed: following redirects and failovers is a large future, which would
+            // otherwise sit inside every reply's.
+            got => Box::pin(self.follow_up(target, data, proto, hint, conn, got)).await,
+        }
+    }
+
+    /// The rest of [`Self::finish`] after a reply that is not the final one (a redirect,
+    /// CLUSTERDOWN) or a failure.
+    async fn follow_up(
+        &self,
+        target: Target,
+        data: Bytes,
+        proto: Proto,
+        hint: usize,
+        mut conn: Arc<PipeConn>,
+        mut got: Result<Result<Bytes, UpstreamError>, tokio::sync::oneshot::error::RecvError>,
+    ) -> Result<Bytes, Error> {
         let mut failover: Option<Instant> = None;
-        let (mut conn, mut rx) = state?;
         let mut redirects = 0u32;
         loop {
-            // No timer per request: the connection's watchdog fails its requests with
-            // `Timeout` (and closes it) once the oldest has waited request_timeout.
-            let reply = match rx.await {
+            let reply = match got {
                 Err(_) => {
                     self.request_refresh();
                     return Err(Error::Upstream {
@@ -574,8 +646,9 @@ impl Upstream {
                         .wait_for_failover(&target, &data, proto, hint, down, &mut failover)
                         .await
                     {
-                        Ok(q) => {
-                            (conn, rx) = q;
+                        Ok((c, rx)) => {
+                            conn = c;
+                            got = rx.await;
                             continue;
                         }
                         Err(_) => return Ok(reply),
@@ -587,6 +660,7 @@ impl Upstream {
             if redirects > self.settings.max_redirects {
                 return Ok(reply);
             }
+            let rx;
             (conn, rx) = match redirect {
                 Redirect::Moved { slot, addr } => {
                     self.apply_moved(slot, &addr);
@@ -607,6 +681,7 @@ impl Upstream {
                     self.queue(&node, data.clone(), 0, proto, hint).await?
                 }
             };
+            got = rx.await;
         }
     }
 
