@@ -130,7 +130,7 @@ async fn dispatch_namespaced(
         .map(|t| t.lookup_lowered(&lowered, &req.args))
     {
         Some(Lookup::Found(info)) if info.arity_ok(req.args.len()) => {
-            match namespace::rewrite(&ns, &info, px.cfg.l1.invalidation_channel.as_bytes(), req) {
+            match namespace::rewrite(&ns, &info, namespace::event_channel(px), req) {
                 Ok(r) => r,
                 Err(e) => return Pending::error(e),
             }
@@ -256,7 +256,7 @@ async fn dispatch_plain(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pe
         sess.last_cmd = Some(info.clone());
     }
 
-    let Some(spill) = px.spill.clone() else {
+    let Some(spill) = px.spill.as_ref() else {
         return with_l1(px, sess, &info, req).await;
     };
     let name = info.name.as_str();
@@ -268,7 +268,7 @@ async fn dispatch_plain(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pe
             (Some(l1), true) => Some((l1.clone(), l1.begin_write(vec![req.args[1].clone()]))),
             _ => None,
         };
-        let p = spill::string_op(px, sess.proto, sess.hint(), name, req).await;
+        let p = Box::pin(spill::string_op(px, sess.proto, sess.hint(), name, req)).await;
         return match guard {
             Some((l1, guard)) => cache::after_write(px, &l1, guard, false, p),
             None => p,
@@ -279,24 +279,42 @@ async fn dispatch_plain(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pe
         if let Err(e) = target_for(px, &info.key_indices(&req.args), &req.args) {
             return Pending::error(e);
         }
-        return spill::lcs(px, sess.proto, sess.hint(), req).await;
+        return Box::pin(spill::lcs(px, sess.proto, sess.hint(), req)).await;
     }
     if spill::has_value_positions(name, req.args.len()) {
-        let name = info.name.clone();
-        let original_args = req.args.clone();
-        let (req, objects) = match spill::prepare_write(&spill, &name, req).await {
-            Ok(r) => r,
-            Err(e) => return Pending::error(e),
-        };
-        let proto = sess.proto;
-        let p = with_l1(px, sess, &info, req).await;
-        return spill::finish_write(px, name, original_args, objects, proto, p);
+        if !spill::must_wrap_any(spill, name, &req.args) {
+            // Nothing to store: an ordinary write, whose reply (SET … GET, GETSET) may
+            // still carry a stub.
+            let p = with_l1(px, sess, &info, req).await;
+            return spill::resolving(px, sess.proto, p);
+        }
+        // Boxed: storing values is a large future, and the rarer path.
+        return Box::pin(spill_write(px, sess, &info, spill, req)).await;
     }
     let (p, resolved) = with_l1_resolving(px, sess, &info, req).await;
     if spill::returns_values(name) && !resolved {
         return spill::resolving(px, sess.proto, p);
     }
     p
+}
+
+/// A write with values to store in the spill store first.
+async fn spill_write(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    info: &Arc<crate::parse::table::CommandInfo>,
+    spill: &crate::spill::Spill,
+    req: Request,
+) -> Pending {
+    let name = info.name.clone();
+    let original_args = req.args.clone();
+    let (req, objects) = match spill::prepare_write(spill, &name, req).await {
+        Ok(r) => r,
+        Err(e) => return Pending::error(e),
+    };
+    let proto = sess.proto;
+    let p = with_l1(px, sess, info, req).await;
+    spill::finish_write(px, name, original_args, objects, proto, p)
 }
 
 /// For a read-only user: the name to quote in NOPERM if this command may change data
@@ -457,9 +475,12 @@ pub fn target_for(px: &Proxy, keys: &[usize], args: &[Bytes]) -> Result<Target, 
     let Some(&first) = keys.first() else {
         return Ok(Target::Any);
     };
+    if px.upstream.mode() != Some(Mode::Cluster) {
+        // One node holds every slot: no hashing.
+        return Ok(Target::Slot(0));
+    }
     let slot = key_slot(&args[first]);
-    if px.upstream.mode() == Some(Mode::Cluster) && keys.iter().any(|&i| key_slot(&args[i]) != slot)
-    {
+    if keys[1..].iter().any(|&i| key_slot(&args[i]) != slot) {
         return Err(Error::crossslot());
     }
     Ok(Target::Slot(slot))

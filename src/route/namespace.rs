@@ -101,7 +101,8 @@ pub fn rewrite(
     match name {
         // SPUBLISH declares its channel as a (not-key) key: translated here, once.
         "publish" | "spublish" if args.len() == 3 => {
-            if !event_channel.is_empty() && args[1] == event_channel {
+            if names_keys(&args[1], false, event_channel) {
+                // A keyevent or invalidation message names a key: the namespace's.
                 args[2] = prefixed(ns, &args[2]);
             } else {
                 args[1] = channel_in(ns, event_channel, &args[1], false);
@@ -261,6 +262,15 @@ pub fn message_out(ns: &[u8], event: &[u8], frame: &Bytes) -> Option<Bytes> {
     Some(reassemble(frame, items.len(), &items))
 }
 
+/// L1's invalidation channel, shared by every namespace (its messages name keys): only
+/// while L1 is on; empty otherwise.
+pub fn event_channel(px: &crate::Proxy) -> &[u8] {
+    px.l1
+        .as_ref()
+        .and_then(|l| l.event_channel.as_deref())
+        .unwrap_or_default()
+}
+
 /// Whether an argument of TIERPROXY.L1 WARM is a SCAN pattern rather than a key.
 pub fn is_pattern(arg: &[u8]) -> bool {
     arg.iter().any(|b| matches!(b, b'*' | b'?' | b'['))
@@ -321,12 +331,7 @@ pub fn strip_reply(
     p.then(move |p| async move {
         // Forwarded replies are raw already; merged ones (cluster SCAN, KEYS) are encoded.
         let raw = p.resolve(&px).await.to_bytes(proto);
-        Value::Raw(strip_raw(
-            &ns,
-            px.cfg.l1.invalidation_channel.as_bytes(),
-            how,
-            raw,
-        ))
+        Value::Raw(strip_raw(&ns, event_channel(&px), how, raw))
     })
 }
 

@@ -1,9 +1,11 @@
 //! Pub/Sub through the proxy.
 //!
-//! A subscribing client gets subscriber connections of its own: one to any master for
-//! channels and patterns (Redis Cluster broadcasts PUBLISH to every node, so any node
-//! sees every message), and one per node for shard channels (SSUBSCRIBE goes to the
-//! owner of the channel's slot). Each is driven by a task that forwards `message`,
+//! A subscribing client gets subscriber connections of its own (see [`ConnKey`]): one to
+//! any master for patterns (Redis Cluster broadcasts PUBLISH to every node, so any node
+//! sees every message), one per node for channels (on the owner of the channel's slot,
+//! where PUBLISH goes too), one per slot for shard channels (SSUBSCRIBE goes to the
+//! owner of the channel's slot), and one per master for keyspace notifications, which a
+//! node publishes only to its own subscribers. Each is driven by a task that forwards `message`,
 //! `pmessage` and `smessage` frames, exactly as Redis sent them in the client's protocol,
 //! into the client's [`Outbox`]; it reconnects and re-subscribes after a lost connection
 //! or a failover.
@@ -407,10 +409,10 @@ pub fn dispatch(px: &Arc<Proxy>, sess: &mut Session, name: &str, req: Request) -
     let cluster = px.upstream.mode() == Some(Mode::Cluster);
     let names: Vec<Bytes> = req.args[1..].to_vec();
     let limit = px.cfg.client.pubsub_output_limit;
-    let ns = sess.namespace.clone().map(|ns| {
-        let event = Bytes::from(px.cfg.l1.invalidation_channel.clone());
-        (ns, event)
-    });
+    let ns = sess
+        .namespace
+        .clone()
+        .map(|ns| (ns, Bytes::copy_from_slice(namespace::event_channel(px))));
     let ps = sess
         .pubsub
         .get_or_insert_with(|| Box::new(PubSub::new(limit, ns.clone())));
@@ -878,7 +880,7 @@ fn on_frame(
 /// it are: the message reaches every node anyway, and the count covers them.
 pub fn publish_target(args: &[Bytes]) -> Target {
     args.get(1)
-        .map_or(Target::Any, |ch| Target::Slot(key_slot(ch)))
+        .map_or(Target::Any, |ch| Target::Slot(channel_slot(ch)))
 }
 
 /// PUBSUB CHANNELS / NUMSUB / NUMPAT / SHARDCHANNELS / SHARDNUMSUB over every master.
