@@ -224,6 +224,18 @@ fn owner_of(cluster: &RedisCluster, slot: i64) -> String {
     panic!("no owner for slot {slot} in {text}");
 }
 
+/// Sends `cmds` in one write and checks their replies, in order.
+fn pipeline(c: &mut Resp, cmds: &[&[&str]], want: &[&str]) {
+    let mut all = Vec::new();
+    for cmd in cmds {
+        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+        all.extend(support::encode_cmd(&args));
+    }
+    c.send_raw(&all);
+    let got: Vec<String> = want.iter().map(|_| s(c.read_reply())).collect();
+    assert_eq!(got, want);
+}
+
 #[test]
 fn moved_and_ask_are_followed_during_a_slot_migration() {
     let cluster = RedisCluster::start(3, 0);
@@ -264,6 +276,18 @@ fn moved_and_ask_are_followed_during_a_slot_migration() {
         "ASK must be followed"
     );
     assert_eq!(s(c.cmd(&["GET", &k2])), "$3\r\ntwo\r\n");
+    // The same in one pipeline, which the proxy forwards as one group: the ASKs in the
+    // middle of it are followed one by one, and the replies keep their order.
+    pipeline(
+        &mut c,
+        &[&["GET", &k1], &["GET", &k2], &["GET", &k1], &["GET", &k2]],
+        &[
+            "$3\r\none\r\n",
+            "$3\r\ntwo\r\n",
+            "$3\r\none\r\n",
+            "$3\r\ntwo\r\n",
+        ],
+    );
     // Finish the migration: the slot now belongs to dst, and the proxy learns by MOVED.
     assert_eq!(
         s(srcc.cmd(&["MIGRATE", dst_host, dst_port, &k2, "0", "5000"])),
@@ -275,10 +299,16 @@ fn moved_and_ask_are_followed_during_a_slot_migration() {
             "+OK\r\n"
         );
     }
-    assert_eq!(
-        s(c.cmd(&["GET", &k2])),
-        "$3\r\ntwo\r\n",
-        "MOVED must be followed"
+    // A pipeline that meets MOVED: each redirected command is re-sent, in order.
+    pipeline(
+        &mut c,
+        &[
+            &["GET", &k2],
+            &["EXISTS", &k1],
+            &["GET", &k2],
+            &["TYPE", &k1],
+        ],
+        &["$3\r\ntwo\r\n", ":1\r\n", "$3\r\ntwo\r\n", "+string\r\n"],
     );
     assert_eq!(s(c.cmd(&["SET", &k1, "uno"])), "+OK\r\n");
     assert_eq!(s(Resp::connect(&dst).cmd(&["GET", &k1])), "$3\r\nuno\r\n");

@@ -347,7 +347,14 @@ where
     // One clock read per batch, and again after each barrier: a command's time starts
     // at the later of this and the previous reply's resolution (see `drain`).
     let mut started = Instant::now();
-    for req in reqs.drain(..) {
+    // One table for the batch's fast lane (see `forward_group`).
+    let table = px.upstream.table();
+    let mut reqs = reqs.drain(..).peekable();
+    loop {
+        if let Some(table) = &table {
+            forward_group(px, sess, table, &mut reqs, io, started).await;
+        }
+        let Some(req) = reqs.next() else { break };
         let is_client_reply = req.args.len() == 3
             && req.args[0].eq_ignore_ascii_case(b"client")
             && req.args[1].eq_ignore_ascii_case(b"reply");
@@ -411,6 +418,119 @@ where
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Sends the run of fast-lane commands ([`route::plan_forward`]) at the front of `reqs`
+/// that go to one node as one group: one queue entry and one reply hand-over for all of
+/// them. Each still gets its own place in `io.pending`, so replies, counters and the slow
+/// log are per command as on the ordinary path.
+async fn forward_group<R, W, I>(
+    px: &Arc<Proxy>,
+    sess: &mut Session,
+    table: &crate::parse::table::CommandTable,
+    reqs: &mut std::iter::Peekable<I>,
+    io: &mut Io<R, W>,
+    started: Instant,
+) where
+    I: Iterator<Item = crate::parse::request::Request>,
+{
+    let Some(first) = reqs
+        .peek()
+        .and_then(|r| route::plan_forward(px, sess, table, r))
+    else {
+        return;
+    };
+    let Ok(topo) = px.upstream.topology() else {
+        return;
+    };
+    let node_of = |t: &crate::upstream::Target| match t {
+        crate::upstream::Target::Slot(s) => topo.owner(*s).map(|n| Arc::as_ptr(n) as usize),
+        _ => None,
+    };
+    let Some(node) = node_of(&first.target) else {
+        return;
+    };
+    let group_target = first.target.clone();
+    let mut plans = vec![first];
+    let mut batch: Vec<crate::parse::request::Request> = Vec::new();
+    let mut len = 0;
+    while let Some(r) = reqs.next_if(|r| {
+        if batch.is_empty() {
+            return true; // planned above
+        }
+        match route::plan_forward(px, sess, table, r) {
+            Some(p) if node_of(&p.target) == Some(node) => {
+                plans.push(p);
+                true
+            }
+            _ => false,
+        }
+    }) {
+        len += r.raw.len();
+        batch.push(r);
+    }
+    let mut data = BytesMut::with_capacity(len);
+    for r in &batch {
+        data.extend_from_slice(&r.raw);
+    }
+    let proto = sess.proto;
+    let hint = sess.hint();
+    px.stats
+        .commands
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let ticket = px.upstream.try_start_group(
+        &group_target,
+        data.freeze(),
+        batch.len() as u32,
+        proto,
+        hint,
+    );
+    // Without a connection ready (not yet connected, a failover) each command starts on
+    // its own, as the ordinary path would start it.
+    let grouped = ticket.is_some();
+    let mut ticket = ticket;
+    let slowlog = px.slowlog.enabled();
+    for (plan, req) in plans.into_iter().zip(batch) {
+        if !sess
+            .last_cmd
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, plan.info))
+        {
+            sess.update_meta(|m| m.last_cmd = plan.info.name.clone());
+            sess.last_cmd = Some(plan.info.clone());
+        }
+        crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
+        let member = route::Member {
+            target: plan.target,
+            data: req.raw.clone(),
+            values: plan.values,
+        };
+        let p = match (grouped, ticket.take()) {
+            (true, Some(t)) => Pending::Group(t, member),
+            (true, None) => Pending::Member(member),
+            (false, _) => {
+                let t = px
+                    .upstream
+                    .start(member.target, member.data, proto, hint)
+                    .await;
+                if member.values {
+                    Pending::Values(t)
+                } else {
+                    Pending::Forwarded(t)
+                }
+            }
+        };
+        io.pending.push(Queued {
+            p,
+            proto,
+            silent: false,
+            stat: Some(plan.info.stat),
+            level: Level::L2,
+            rejected: false,
+            started,
+            raw: slowlog.then_some(req.raw),
+        });
+    }
 }
 
 /// Writes `out` to the client. A subscriber that stops reading is closed once its
@@ -511,35 +631,82 @@ where
     // A command's time starts when it was dispatched or when the reply before it was
     // resolved, whichever is later: waiting behind its own pipeline is not its time.
     let mut prev_done: Option<Instant> = None;
+    // The replies of the forwarded group being resolved, for its members in turn.
+    let mut group: std::collections::VecDeque<Result<bytes::Bytes, Value>> = Default::default();
+    let mut group_addr: Arc<str> = Arc::from("");
+    let hint = sess.hint();
     for (i, mut q) in pending.drain(..).enumerate() {
         if let Some(t) = prev_done {
             q.started = q.started.max(t);
         }
         let p = std::mem::replace(&mut q.p, Pending::Ready(Value::Null));
         let blocking = p.is_blocking();
-        let resolve = p.resolve(px);
-        tokio::pin!(resolve);
-        // Most replies are in by now: only a reply still on its way needs the socket
-        // watched beside it.
-        let ready = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(match resolve.as_mut().poll(cx) {
-                std::task::Poll::Ready(v) => Some(v),
-                std::task::Poll::Pending => None,
-            })
-        })
-        .await;
-        let v = if ready.is_some() {
-            ready
+        let proto = q.proto;
+        // A later member of a group whose reply is plain: taken as it is, with no
+        // future to build (its time is the group's, which arrived in one piece).
+        let direct = match &p {
+            Pending::Member(m) => match group.front() {
+                Some(Ok(raw))
+                    if !(crate::upstream::needs_follow_up(raw)
+                        || m.values && route::reply_may_hold_stub(raw)) =>
+                {
+                    group.pop_front().and_then(Result::ok).map(Value::Raw)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let now_known = direct.is_some().then_some(prev_done).flatten();
+        let v = if direct.is_some() {
+            direct
         } else {
-            loop {
-                tokio::select! {
-                    biased;
-                    v = &mut resolve => break Some(v),
-                    r = rd.read_buf(inbuf), if !*client_gone && (inbuf.len() as u64) < limit => {
-                        if matches!(r, Ok(0) | Err(_)) {
-                            *client_gone = true;
-                            if blocking {
-                                break None;
+            let (group, group_addr) = (&mut group, &mut group_addr);
+            let resolve = async move {
+                match p {
+                    Pending::Group(t, m) => {
+                        let n = t.count();
+                        *group_addr = t.addr();
+                        group.clear();
+                        match px.upstream.finish_group(t).await {
+                            Ok(replies) => group.extend(replies.into_iter().map(Ok)),
+                            Err(e) => {
+                                let v = e.to_reply();
+                                group.extend((0..n).map(|_| Err(v.clone())));
+                            }
+                        }
+                        m.reply(px, proto, hint, group_addr.clone(), group.pop_front())
+                            .await
+                    }
+                    Pending::Member(m) => {
+                        m.reply(px, proto, hint, group_addr.clone(), group.pop_front())
+                            .await
+                    }
+                    p => p.resolve(px).await,
+                }
+            };
+            tokio::pin!(resolve);
+            // Most replies are in by now: only a reply still on its way needs the socket
+            // watched beside it.
+            let ready = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match resolve.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => Some(v),
+                    std::task::Poll::Pending => None,
+                })
+            })
+            .await;
+            if ready.is_some() {
+                ready
+            } else {
+                loop {
+                    tokio::select! {
+                        biased;
+                        v = &mut resolve => break Some(v),
+                        r = rd.read_buf(inbuf), if !*client_gone && (inbuf.len() as u64) < limit => {
+                            if matches!(r, Ok(0) | Err(_)) {
+                                *client_gone = true;
+                                if blocking {
+                                    break None;
+                                }
                             }
                         }
                     }
@@ -551,7 +718,7 @@ where
             crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return Ok(false);
         };
-        let now = Instant::now();
+        let now = now_known.unwrap_or_else(Instant::now);
         account(px, &q, &v, sess, blocking, now);
         prev_done = Some(now);
         // Messages that arrived before this reply go out before it.

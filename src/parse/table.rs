@@ -242,6 +242,16 @@ impl CommandTable {
     }
 
     /// As [`CommandTable::lookup`], with the command name already lower-cased.
+    /// [`Self::lookup_lowered`] for a known command, by reference (no count taken on the
+    /// shared entry).
+    pub fn lookup_found(&self, name: &Lowered, args: &[Bytes]) -> Option<&Arc<CommandInfo>> {
+        let cmd = self.commands.get(name.as_bytes())?;
+        if cmd.subcommands.is_empty() || args.len() < 2 {
+            return Some(cmd);
+        }
+        cmd.subcommands.get(&lower(&args[1]))
+    }
+
     pub fn lookup_lowered(&self, name: &Lowered, args: &[Bytes]) -> Lookup {
         let Some(cmd) = self.commands.get(name.as_bytes()) else {
             return Lookup::Unknown;

@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::parse::request::Request;
 use crate::parse::table::{arity_fits, Lookup, Lowered, Policy};
 use crate::respond::Value;
-use crate::upstream::{key_slot, Mode, Target, Ticket};
+use crate::upstream::{key_slot, GroupTicket, Mode, Target, Ticket};
 use crate::Proxy;
 
 pub type BoxFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
@@ -49,6 +49,122 @@ pub enum Pending {
     /// A reply whose request reaches the upstream only when it is awaited: later
     /// commands of the pipeline must wait for it, or they would overtake it.
     Deferred(BoxFuture),
+    /// The first command of a group forwarded together ([`plan_forward`]): the replies
+    /// of the whole group arrive with it. Resolved by the client loop, which hands the
+    /// later replies to the group's [`Pending::Member`]s.
+    Group(GroupTicket, Member),
+    /// A later command of a group.
+    Member(Member),
+}
+
+/// A command of a forwarded group: what its reply needs.
+pub struct Member {
+    /// Where it went and what it was, for a redirect.
+    pub target: Target,
+    pub data: Bytes,
+    /// The reply may hold a spill stub (GET and the like, spill store on).
+    pub values: bool,
+}
+
+impl Member {
+    /// This member's reply, given its share of the group's replies.
+    pub async fn reply(
+        self,
+        px: &Proxy,
+        proto: crate::respond::Proto,
+        hint: usize,
+        addr: Arc<str>,
+        got: Option<Result<Bytes, Value>>,
+    ) -> Value {
+        let raw = match got {
+            Some(Ok(raw)) => raw,
+            Some(Err(v)) => return v,
+            None => return Error::proxy("a grouped reply went missing").to_reply(),
+        };
+        let raw = if crate::upstream::needs_follow_up(&raw) {
+            let followed = px
+                .upstream
+                .follow(self.target, self.data, proto, hint, addr, raw);
+            match Box::pin(followed).await {
+                Ok(raw) => raw,
+                Err(e) => return e.to_reply(),
+            }
+        } else {
+            raw
+        };
+        if self.values {
+            return spill::resolved(px, raw).await;
+        }
+        Value::Raw(raw)
+    }
+}
+
+/// Whether a reply may carry a spill stub to be replaced by its value.
+pub fn reply_may_hold_stub(raw: &Bytes) -> bool {
+    spill::may_hold_stub(raw)
+}
+
+/// What the fast lane ([`plan_forward`]) found a command to be.
+pub struct Plan<'t> {
+    pub info: &'t Arc<crate::parse::table::CommandInfo>,
+    pub target: Target,
+    pub values: bool,
+}
+
+/// The fast lane for the commonest requests: a command that [`dispatch`] would only
+/// forward as it is (no L1, no spill write, no namespace, no transaction, no
+/// subscription, no script bookkeeping) is planned here instead, so the client loop can
+/// send a run of them to one node as one group, with one reply hand-over for all.
+/// `None`: the command takes the ordinary path.
+pub fn plan_forward<'t>(
+    px: &Proxy,
+    sess: &Session,
+    table: &'t crate::parse::table::CommandTable,
+    req: &Request,
+) -> Option<Plan<'t>> {
+    if !sess.authenticated
+        || sess.readonly
+        || sess.namespace.is_some()
+        || sess.reply_mode != crate::client::session::ReplyMode::On
+        || sess.txn.in_multi()
+        || sess.subscribed()
+        || px.l1.is_some()
+    {
+        return None;
+    }
+    let lowered = Lowered::new(&req.args[0]);
+    let info = table.lookup_found(&lowered, &req.args)?;
+    if info.policy != Policy::Forward || !info.arity_ok(req.args.len()) {
+        return None;
+    }
+    let name = info.name.as_str();
+    // Commands `dispatch_plain` handles before routing by policy, and those with their
+    // own bookkeeping on the way.
+    if matches!(
+        name,
+        "eval" | "eval_ro" | "evalsha" | "evalsha_ro" | "publish"
+    ) || txn::wants(sess, name.as_bytes())
+        || local::local_arity(name).is_some()
+    {
+        return None;
+    }
+    let spill = px.spill.is_some();
+    if spill
+        && (spill::has_value_positions(name, req.args.len())
+            || matches!(
+                name,
+                "strlen" | "getrange" | "substr" | "append" | "setrange" | "lcs"
+            ))
+    {
+        return None;
+    }
+    // CROSSSLOT is the ordinary path's to report.
+    let target = target_for(px, &info.key_indices(&req.args), &req.args).ok()?;
+    Some(Plan {
+        info,
+        target,
+        values: spill && spill::returns_values(name),
+    })
 }
 
 impl Pending {
@@ -68,6 +184,10 @@ impl Pending {
                 Err(e) => e.to_reply(),
             },
             Pending::Later(f) | Pending::Blocking(f) | Pending::Deferred(f) => f.await,
+            // The client loop resolves groups itself.
+            Pending::Group(..) | Pending::Member(_) => {
+                Error::proxy("a grouped reply was resolved on its own").to_reply()
+            }
         }
     }
 

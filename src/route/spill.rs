@@ -155,7 +155,7 @@ pub async fn resolved(px: &Proxy, raw: Bytes) -> Value {
 }
 
 /// Whether a reply may contain a stub: a bulk string or an array of them that holds one.
-fn may_hold_stub(raw: &Bytes) -> bool {
+pub fn may_hold_stub(raw: &Bytes) -> bool {
     match raw.first() {
         Some(b'$') => as_str(raw).is_some_and(stub::is_stub),
         Some(b'*') => split_aggregate(raw)

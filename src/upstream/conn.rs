@@ -65,11 +65,14 @@ struct Req {
     data: Bytes,
     /// Replies to swallow before the one the caller wants (`ASKING` before a command).
     skip: u8,
+    /// Replies the caller wants, handed over together (one for a single command).
+    count: u32,
     tx: ReplyTx,
 }
 
 struct Waiter {
     skip: u8,
+    count: u32,
     tx: ReplyTx,
     /// When its bytes were handed to the socket (one clock read per written batch).
     sent: Instant,
@@ -179,12 +182,23 @@ impl PipeConn {
 
     /// Queues one request; the reply arrives on the returned receiver, in order.
     pub fn send(&self, data: Bytes, skip: u8) -> Result<ReplyRx, UpstreamError> {
+        self.send_group(data, skip, 1)
+    }
+
+    /// Queues `count` requests (`data` holds them back to back); their replies arrive
+    /// together, back to back in one `Bytes`, on the returned receiver.
+    pub fn send_group(&self, data: Bytes, skip: u8, count: u32) -> Result<ReplyRx, UpstreamError> {
         if self.is_closed() {
             return Err(UpstreamError::ConnectionLost);
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Req { data, skip, tx })
+            .send(Req {
+                data,
+                skip,
+                count,
+                tx,
+            })
             .map_err(|_| UpstreamError::ConnectionLost)?;
         Ok(rx)
     }
@@ -351,6 +365,7 @@ async fn write_loop(
                 out.extend_from_slice(&req.data);
                 q.push_back(Waiter {
                     skip: req.skip,
+                    count: req.count,
                     tx: req.tx,
                     sent,
                 });
@@ -375,9 +390,14 @@ async fn read_loop(
 ) {
     // Whatever ends this loop ends the connection; the writer goes with it.
     let _stop_writer = AbortOnDrop(writer);
+    // The front waiter's replies framed so far: `have` of them, the first `scan` bytes of
+    // `buf` (after `partial`, which holds those that came before a push frame).
+    let mut scan = 0usize;
+    let mut have = 0u32;
+    let mut partial = BytesMut::new();
     loop {
         loop {
-            let n = match frame_len(&buf) {
+            let n = match frame_len(&buf[scan..]) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
@@ -385,12 +405,17 @@ async fn read_loop(
                     return;
                 }
             };
-            let reply = buf.split_to(n).freeze();
-            if reply.first() == Some(&b'>') {
-                // Out-of-band push (RESP3). The only one a data connection expects: its
-                // tracking redirect died, so invalidations are being lost. Closing the
-                // connection flushes L1 (on_close) and the replacement tracks afresh.
-                if reply.windows(21).any(|w| w == b"tracking-redir-broken") {
+            if buf[scan] == b'>' {
+                // Out-of-band push (RESP3), cut out of the replies around it. The only
+                // one a data connection expects: its tracking redirect died, so
+                // invalidations are being lost. Closing the connection flushes L1
+                // (on_close) and the replacement tracks afresh.
+                if scan > 0 {
+                    partial.extend_from_slice(&buf.split_to(scan));
+                    scan = 0;
+                }
+                let push = buf.split_to(n);
+                if push.windows(21).any(|w| w == b"tracking-redir-broken") {
                     tracing::warn!(upstream = %addr, "tracking-redir-broken; reconnecting");
                     return;
                 }
@@ -404,14 +429,29 @@ async fn read_loop(
                 tracing::warn!(upstream = %addr, "reply with no request waiting; closing connection");
                 return;
             };
-            if front.skip > 0 {
+            if front.skip > 0 && have == 0 {
+                // Only single requests skip (ASKING's +OK), before their own reply.
                 front.skip -= 1;
+                let _ = buf.split_to(scan + n);
                 continue;
             }
-            if let Some(w) = q.pop_front() {
-                // The client may have gone away; its reply is simply dropped.
-                let _ = w.tx.send(Ok(reply));
+            scan += n;
+            have += 1;
+            if have < front.count {
+                continue;
             }
+            let Some(w) = q.pop_front() else { continue };
+            drop(q);
+            let reply = if partial.is_empty() {
+                buf.split_to(scan).freeze()
+            } else {
+                partial.extend_from_slice(&buf.split_to(scan));
+                std::mem::take(&mut partial).freeze()
+            };
+            scan = 0;
+            have = 0;
+            // The client may have gone away; its reply is simply dropped.
+            let _ = w.tx.send(Ok(reply));
         }
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);

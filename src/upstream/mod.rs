@@ -41,7 +41,7 @@ pub enum Mode {
 
 /// Whether a reply asks for more than handing it to the client: a redirect (MOVED, ASK,
 /// TRYAGAIN) or CLUSTERDOWN.
-fn needs_follow_up(reply: &[u8]) -> bool {
+pub fn needs_follow_up(reply: &[u8]) -> bool {
     reply.first() == Some(&b'-')
         && [&b"-MOVED "[..], b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN"]
             .iter()
@@ -347,6 +347,24 @@ pub struct Upstream {
 }
 
 /// A started request: queued upstream (or failed to queue), not yet answered.
+/// Requests queued together on one connection ([`Upstream::try_start_group`]).
+pub struct GroupTicket {
+    addr: Arc<str>,
+    rx: ReplyRx,
+    count: u32,
+}
+
+impl GroupTicket {
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The node the group went to.
+    pub fn addr(&self) -> Arc<str> {
+        self.addr.clone()
+    }
+}
+
 pub struct Ticket {
     target: Target,
     data: Bytes,
@@ -602,7 +620,9 @@ impl Upstream {
             Ok(Ok(reply)) if !needs_follow_up(&reply) => Ok(reply),
             // Boxed: following redirects and failovers is a large future, which would
             // otherwise sit inside every reply's.
-            got => Box::pin(self.follow_up(target, data, proto, hint, conn, got)).await,
+            got => {
+                Box::pin(self.follow_up(target, data, proto, hint, conn.addr.clone(), got)).await
+            }
         }
     }
 
@@ -614,7 +634,7 @@ impl Upstream {
         data: Bytes,
         proto: Proto,
         hint: usize,
-        mut conn: Arc<PipeConn>,
+        mut addr: Arc<str>,
         mut got: Result<Result<Bytes, UpstreamError>, tokio::sync::oneshot::error::RecvError>,
     ) -> Result<Bytes, Error> {
         let mut failover: Option<Instant> = None;
@@ -624,7 +644,7 @@ impl Upstream {
                 Err(_) => {
                     self.request_refresh();
                     return Err(Error::Upstream {
-                        addr: conn.addr.to_string(),
+                        addr: addr.to_string(),
                         source: UpstreamError::ConnectionLost,
                     });
                 }
@@ -633,7 +653,7 @@ impl Upstream {
                         self.request_refresh();
                     }
                     return Err(Error::Upstream {
-                        addr: conn.addr.to_string(),
+                        addr: addr.to_string(),
                         source: e,
                     });
                 }
@@ -647,7 +667,7 @@ impl Upstream {
                         .await
                     {
                         Ok((c, rx)) => {
-                            conn = c;
+                            addr = c.addr.clone();
                             got = rx.await;
                             continue;
                         }
@@ -660,8 +680,7 @@ impl Upstream {
             if redirects > self.settings.max_redirects {
                 return Ok(reply);
             }
-            let rx;
-            (conn, rx) = match redirect {
+            let (c, rx) = match redirect {
                 Redirect::Moved { slot, addr } => {
                     self.apply_moved(slot, &addr);
                     self.request_refresh();
@@ -681,8 +700,78 @@ impl Upstream {
                     self.queue(&node, data.clone(), 0, proto, hint).await?
                 }
             };
+            addr = c.addr.clone();
             got = rx.await;
         }
+    }
+
+    /// Queues `count` requests for `target`'s node at once (`data` holds them back to
+    /// back) if its connection is up; their replies come back together. `None`: the
+    /// node or its connection is not ready, so the requests take the ordinary path.
+    pub fn try_start_group(
+        &self,
+        target: &Target,
+        data: Bytes,
+        count: u32,
+        proto: Proto,
+        hint: usize,
+    ) -> Option<GroupTicket> {
+        let node = self.resolve(target).ok()?;
+        let conn = node.live_conn(proto, hint)?;
+        let rx = conn.send_group(data, 0, count).ok()?;
+        Some(GroupTicket {
+            addr: conn.addr.clone(),
+            rx,
+            count,
+        })
+    }
+
+    /// The replies of a group, one `Bytes` each, in order.
+    pub async fn finish_group(&self, g: GroupTicket) -> Result<Vec<Bytes>, Error> {
+        let lost = |source| Error::Upstream {
+            addr: g.addr.to_string(),
+            source,
+        };
+        let all = match g.rx.await {
+            Ok(Ok(all)) => all,
+            Err(_) => {
+                self.request_refresh();
+                return Err(lost(UpstreamError::ConnectionLost));
+            }
+            Ok(Err(e)) => {
+                if matches!(e, UpstreamError::Timeout(_)) {
+                    self.request_refresh();
+                }
+                return Err(lost(e));
+            }
+        };
+        let mut replies = Vec::with_capacity(g.count as usize);
+        let mut at = 0;
+        while at < all.len() {
+            // Framed by the connection's reader already.
+            let n = match crate::parse::reply::frame_len(&all[at..]) {
+                Ok(Some(n)) => n,
+                _ => return Err(Error::proxy("a grouped reply could not be split")),
+            };
+            replies.push(all.slice(at..at + n));
+            at += n;
+        }
+        Ok(replies)
+    }
+
+    /// Takes over a grouped request whose reply was a redirect or CLUSTERDOWN, as
+    /// [`Self::finish`] does for a single one.
+    pub async fn follow(
+        &self,
+        target: Target,
+        data: Bytes,
+        proto: Proto,
+        hint: usize,
+        addr: Arc<str>,
+        reply: Bytes,
+    ) -> Result<Bytes, Error> {
+        self.follow_up(target, data, proto, hint, addr, Ok(Ok(reply)))
+            .await
     }
 
     /// Start and finish in one call, for requests that need not be pipelined.
