@@ -1035,10 +1035,16 @@ fn s3_down_or_slow_during_spill_traffic_loses_no_acknowledged_write() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // A SET sent during the fault and failing just after its end felt it too: on a busy
+    // machine a failing SET can take long enough that none is sent and answered inside.
     for phase in [FROZEN, KILLED] {
+        let felt = ops
+            .iter()
+            .filter(|op| op.set && op.sent_phase == phase && op.error.is_some())
+            .count();
         assert!(
-            tallies[phase].sets_failed > 0,
-            "no SET failed in phase {}: the fault was not felt, so the test proves nothing",
+            felt > 0,
+            "no SET sent in phase {} failed: the fault was not felt, so the test proves nothing",
             PHASES[phase]
         );
     }

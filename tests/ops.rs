@@ -559,6 +559,55 @@ fn frozen_upstream_times_out_every_waiting_request() {
         == "$1\r\nv\r\n"));
 }
 
+/// Pipelined commands are forwarded as one group: when the upstream stops answering in
+/// the middle of it, the replies that arrived are delivered and only the rest fail.
+#[test]
+fn a_group_cut_by_a_timeout_keeps_the_replies_that_arrived() {
+    let redis = RedisServer::start();
+    let px = Proxy::start(
+        &[redis.addr()],
+        &[
+            "--config",
+            write_config("[upstream]\nrequest_timeout_ms = 1000\n")
+                .path()
+                .to_str()
+                .unwrap(),
+        ],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["SET", "cut", "5"])), "+OK\r\n");
+    // Redis answers reads, then holds the connection at the first write for 3 s.
+    let mut direct = Resp::connect(&redis.addr());
+    assert_eq!(
+        s(direct.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"])),
+        "+OK\r\n"
+    );
+    let mut pipeline = Vec::new();
+    for cmd in [
+        &["GET", "cut"][..],
+        &["STRLEN", "cut"],
+        &["INCR", "cut"],
+        &["GET", "cut"],
+    ] {
+        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+        pipeline.extend(support::encode_cmd(&args));
+    }
+    c.send_raw(&pipeline);
+    let replies: Vec<String> = (0..4).map(|_| s(c.read_reply())).collect();
+    assert_eq!(replies[0], "$1\r\n5\r\n", "{replies:?}");
+    assert_eq!(replies[1], ":1\r\n", "{replies:?}");
+    for r in &replies[2..] {
+        assert!(r.contains("no reply within 1000 ms"), "{replies:?}");
+    }
+    assert_eq!(s(direct.cmd(&["CLIENT", "UNPAUSE"])), "+OK\r\n");
+    // The connection was replaced: service goes on.
+    assert!(support::eventually(Duration::from_secs(10), || s(
+        c.cmd(&["STRLEN", "cut"])
+    )
+        == ":1\r\n"));
+}
+
 #[test]
 fn readyz_follows_the_cluster_stopping_and_starting() {
     let cluster = support::RedisCluster::start(3, 0);

@@ -236,6 +236,44 @@ fn pipeline(c: &mut Resp, cmds: &[&[&str]], want: &[&str]) {
     assert_eq!(got, want);
 }
 
+/// A pipeline over keys of every master, forwarded as one group per node, with
+/// commands the proxy handles itself in between: every reply in request order.
+#[test]
+fn a_pipeline_over_every_master_keeps_its_order() {
+    let mut c = Resp::connect(&proxy().addr());
+    let keys = spread_keys("pipe_order", 30);
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(s(c.cmd(&["SET", k, &format!("v{i}")])), "+OK\r\n");
+    }
+    let mut cmds: Vec<Vec<String>> = Vec::new();
+    let mut want: Vec<String> = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let v = format!("v{i}");
+        cmds.push(vec!["GET".into(), k.clone()]);
+        want.push(format!("${}\r\n{v}\r\n", v.len()));
+        cmds.push(vec!["STRLEN".into(), k.clone()]);
+        want.push(format!(":{}\r\n", v.len()));
+        if i % 7 == 3 {
+            // PING is answered by the proxy: it ends a run of the fast lane.
+            cmds.push(vec!["PING".into()]);
+            want.push("+PONG\r\n".into());
+            cmds.push(vec!["INCR".into(), format!("{k}:n")]);
+            want.push(":1\r\n".into());
+            cmds.push(vec!["DEL".into(), format!("{k}:n")]);
+            want.push(":1\r\n".into());
+        }
+    }
+    let cmds: Vec<Vec<&str>> = cmds
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let cmds: Vec<&[&str]> = cmds.iter().map(Vec::as_slice).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    for _ in 0..3 {
+        pipeline(&mut c, &cmds, &want);
+    }
+}
+
 #[test]
 fn moved_and_ask_are_followed_during_a_slot_migration() {
     let cluster = RedisCluster::start(3, 0);

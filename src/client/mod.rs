@@ -421,9 +421,10 @@ where
 }
 
 /// Sends the run of fast-lane commands ([`route::plan_forward`]) at the front of `reqs`
-/// that go to one node as one group: one queue entry and one reply hand-over for all of
-/// them. Each still gets its own place in `io.pending`, so replies, counters and the slow
-/// log are per command as on the ordinary path.
+/// as one group per node: one queue entry and one reply hand-over per node instead of
+/// per command. Each command still gets its own place in `io.pending`, so replies,
+/// counters and the slow log are per command as on the ordinary path; commands for one
+/// node keep their order on its connection, as they do on the ordinary path.
 async fn forward_group<R, W, I>(
     px: &Arc<Proxy>,
     sess: &mut Session,
@@ -434,12 +435,13 @@ async fn forward_group<R, W, I>(
 ) where
     I: Iterator<Item = crate::parse::request::Request>,
 {
-    let Some(first) = reqs
+    if reqs
         .peek()
         .and_then(|r| route::plan_forward(px, sess, table, r))
-    else {
+        .is_none()
+    {
         return;
-    };
+    }
     let Ok(topo) = px.upstream.topology() else {
         return;
     };
@@ -447,50 +449,69 @@ async fn forward_group<R, W, I>(
         crate::upstream::Target::Slot(s) => topo.owner(*s).map(|n| Arc::as_ptr(n) as usize),
         _ => None,
     };
-    let Some(node) = node_of(&first.target) else {
-        return;
-    };
-    let group_target = first.target.clone();
-    let mut plans = vec![first];
-    let mut batch: Vec<crate::parse::request::Request> = Vec::new();
-    let mut len = 0;
-    while let Some(r) = reqs.next_if(|r| {
-        if batch.is_empty() {
-            return true; // planned above
-        }
-        match route::plan_forward(px, sess, table, r) {
-            Some(p) if node_of(&p.target) == Some(node) => {
-                plans.push(p);
-                true
-            }
-            _ => false,
-        }
-    }) {
-        len += r.raw.len();
-        batch.push(r);
+    /// The commands of the run for one node.
+    struct ForNode {
+        node: usize,
+        target: crate::upstream::Target,
+        data: BytesMut,
+        count: u32,
     }
-    let mut data = BytesMut::with_capacity(len);
-    for r in &batch {
-        data.extend_from_slice(&r.raw);
+    let mut nodes: Vec<ForNode> = Vec::new();
+    let mut planned = Vec::new();
+    // Requests are copied into their group: large ones go on their own, uncopied.
+    const LARGE: usize = 16 * 1024;
+    const GROUP_BYTES: usize = 256 * 1024;
+    while let Some((plan, at)) = reqs.peek().and_then(|r| {
+        if r.raw.len() > LARGE {
+            return None;
+        }
+        let plan = route::plan_forward(px, sess, table, r)?;
+        let node = node_of(&plan.target)?;
+        Some((plan, node))
+    }) {
+        let full = nodes
+            .iter()
+            .any(|n| n.node == at && n.data.len() >= GROUP_BYTES);
+        if full {
+            break;
+        }
+        let Some(req) = reqs.next() else { break };
+        let g = match nodes.iter().position(|n| n.node == at) {
+            Some(g) => g,
+            None => {
+                nodes.push(ForNode {
+                    node: at,
+                    target: plan.target.clone(),
+                    data: BytesMut::new(),
+                    count: 0,
+                });
+                nodes.len() - 1
+            }
+        };
+        nodes[g].data.extend_from_slice(&req.raw);
+        nodes[g].count += 1;
+        planned.push((plan, req, g));
+    }
+    if planned.is_empty() {
+        return;
     }
     let proto = sess.proto;
     let hint = sess.hint();
     px.stats
         .commands
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    let ticket = px.upstream.try_start_group(
-        &group_target,
-        data.freeze(),
-        batch.len() as u32,
-        proto,
-        hint,
-    );
-    // Without a connection ready (not yet connected, a failover) each command starts on
-    // its own, as the ordinary path would start it.
-    let grouped = ticket.is_some();
-    let mut ticket = ticket;
+        .fetch_add(planned.len() as u64, Ordering::Relaxed);
+    // Without a connection ready (not yet connected, a failover) a node's commands start
+    // one by one, as the ordinary path would start them.
+    let mut tickets: Vec<Option<crate::upstream::GroupTicket>> = nodes
+        .into_iter()
+        .map(|n| {
+            px.upstream
+                .try_start_group(&n.target, n.data.freeze(), n.count, proto, hint)
+        })
+        .collect();
+    let grouped: Vec<bool> = tickets.iter().map(Option::is_some).collect();
     let slowlog = px.slowlog.enabled();
-    for (plan, req) in plans.into_iter().zip(batch) {
+    for (plan, req, g) in planned {
         if !sess
             .last_cmd
             .as_ref()
@@ -504,8 +525,9 @@ async fn forward_group<R, W, I>(
             target: plan.target,
             data: req.raw.clone(),
             values: plan.values,
+            group: g,
         };
-        let p = match (grouped, ticket.take()) {
+        let p = match (grouped[g], tickets[g].take()) {
             (true, Some(t)) => Pending::Group(t, member),
             (true, None) => Pending::Member(member),
             (false, _) => {
@@ -631,55 +653,82 @@ where
     // A command's time starts when it was dispatched or when the reply before it was
     // resolved, whichever is later: waiting behind its own pipeline is not its time.
     let mut prev_done: Option<Instant> = None;
-    // The replies of the forwarded group being resolved, for its members in turn.
-    let mut group: std::collections::VecDeque<Result<bytes::Bytes, Value>> = Default::default();
-    let mut group_addr: Arc<str> = Arc::from("");
+    // The replies of the forwarded groups being resolved (by the group's index in its
+    // run: a run's members all come before the next run's), for their members in turn.
+    let mut groups: Vec<Group> = Vec::new();
     let hint = sess.hint();
     for (i, mut q) in pending.drain(..).enumerate() {
-        if let Some(t) = prev_done {
-            q.started = q.started.max(t);
+        match (&q.p, prev_done) {
+            // The members of a group share its time: its replies arrive together.
+            (Pending::Member(m), _) => {
+                if let Some(g) = groups.get(m.group) {
+                    q.started = g.begin;
+                }
+            }
+            (_, Some(t)) => q.started = q.started.max(t),
+            _ => {}
         }
+        let began = q.started;
         let p = std::mem::replace(&mut q.p, Pending::Ready(Value::Null));
         let blocking = p.is_blocking();
         let proto = q.proto;
         // A later member of a group whose reply is plain: taken as it is, with no
         // future to build (its time is the group's, which arrived in one piece).
         let direct = match &p {
-            Pending::Member(m) => match group.front() {
+            Pending::Member(m) => match groups.get(m.group).and_then(|g| g.replies.front()) {
                 Some(Ok(raw))
                     if !(crate::upstream::needs_follow_up(raw)
                         || m.values && route::reply_may_hold_stub(raw)) =>
                 {
-                    group.pop_front().and_then(Result::ok).map(Value::Raw)
+                    groups[m.group]
+                        .replies
+                        .pop_front()
+                        .and_then(Result::ok)
+                        .map(Value::Raw)
                 }
                 _ => None,
             },
             _ => None,
         };
-        let now_known = direct.is_some().then_some(prev_done).flatten();
+        let now_known = match (&direct, &p) {
+            (Some(_), Pending::Member(m)) => groups.get(m.group).map(|g| g.arrived),
+            _ => None,
+        };
         let v = if direct.is_some() {
             direct
         } else {
-            let (group, group_addr) = (&mut group, &mut group_addr);
+            let groups = &mut groups;
             let resolve = async move {
                 match p {
                     Pending::Group(t, m) => {
-                        let n = t.count();
-                        *group_addr = t.addr();
-                        group.clear();
-                        match px.upstream.finish_group(t).await {
-                            Ok(replies) => group.extend(replies.into_iter().map(Ok)),
-                            Err(e) => {
-                                let v = e.to_reply();
-                                group.extend((0..n).map(|_| Err(v.clone())));
-                            }
+                        if groups.len() <= m.group {
+                            groups.resize_with(m.group + 1, Group::default);
                         }
-                        m.reply(px, proto, hint, group_addr.clone(), group.pop_front())
-                            .await
+                        let g = &mut groups[m.group];
+                        let n = t.count();
+                        g.addr = t.addr();
+                        g.replies.clear();
+                        g.begin = began;
+                        let (replies, e) = match px.upstream.finish_group(t).await {
+                            Ok(r) => r,
+                            Err(e) => (Vec::new(), Some(e)),
+                        };
+                        g.arrived = Instant::now();
+                        let missing = n as usize - replies.len().min(n as usize);
+                        g.replies.extend(replies.into_iter().map(Ok));
+                        if let Some(e) = e {
+                            let v = e.to_reply();
+                            g.replies.extend((0..missing).map(|_| Err(v.clone())));
+                        }
+                        let got = g.replies.pop_front();
+                        m.reply(px, proto, hint, g.addr.clone(), got).await
                     }
                     Pending::Member(m) => {
-                        m.reply(px, proto, hint, group_addr.clone(), group.pop_front())
-                            .await
+                        let (addr, got) = match groups.get_mut(m.group) {
+                            Some(g) => (g.addr.clone(), g.replies.pop_front()),
+                            None => (Arc::from(""), None),
+                        };
+                        m.reply(px, proto, hint, addr, got).await
                     }
                     p => p.resolve(px).await,
                 }
@@ -736,6 +785,28 @@ where
         }
     }
     Ok(true)
+}
+
+/// A forwarded group's replies still to be handed to its members, its node, and its
+/// time (each member's time: when the group's first member's started, when the
+/// replies arrived).
+struct Group {
+    replies: std::collections::VecDeque<Result<bytes::Bytes, Value>>,
+    addr: Arc<str>,
+    begin: Instant,
+    arrived: Instant,
+}
+
+impl Default for Group {
+    fn default() -> Group {
+        let now = Instant::now();
+        Group {
+            replies: Default::default(),
+            addr: Arc::from(""),
+            begin: now,
+            arrived: now,
+        }
+    }
 }
 
 fn is_error_reply(v: &Value) -> bool {

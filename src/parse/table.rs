@@ -241,7 +241,6 @@ impl CommandTable {
         self.lookup_lowered(&Lowered::new(&args[0]), args)
     }
 
-    /// As [`CommandTable::lookup`], with the command name already lower-cased.
     /// [`Self::lookup_lowered`] for a known command, by reference (no count taken on the
     /// shared entry).
     pub fn lookup_found(&self, name: &Lowered, args: &[Bytes]) -> Option<&Arc<CommandInfo>> {
@@ -252,6 +251,7 @@ impl CommandTable {
         cmd.subcommands.get(&lower(&args[1]))
     }
 
+    /// As [`CommandTable::lookup`], with the command name already lower-cased.
     pub fn lookup_lowered(&self, name: &Lowered, args: &[Bytes]) -> Lookup {
         let Some(cmd) = self.commands.get(name.as_bytes()) else {
             return Lookup::Unknown;

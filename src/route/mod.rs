@@ -64,6 +64,8 @@ pub struct Member {
     pub data: Bytes,
     /// The reply may hold a spill stub (GET and the like, spill store on).
     pub values: bool,
+    /// Its group's index within its run (one group per node).
+    pub group: usize,
 }
 
 impl Member {

@@ -5,11 +5,12 @@
 //! to the oldest waiter, in FIFO order. Many clients share one connection, so no request
 //! here may leave state behind on it (stateful commands use dedicated connections).
 //!
-//! Failure is signalled by dropping: when either task ends, the waiters' senders are
-//! dropped and every pending request sees `ConnectionLost`.
+//! However the reader ends (the upstream closed, a bad reply, the watchdog), every
+//! waiter gets its error at once: `Timeout` if the watchdog ended it, else
+//! `ConnectionLost`; a group's waiter first gets the replies that arrived.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,6 +89,8 @@ pub struct PipeConn {
 struct CloseState {
     closed: AtomicBool,
     on_close: Option<OnClose>,
+    /// Set by the watchdog when it closes the connection: `request_timeout` in ms.
+    timed_out_ms: AtomicU64,
 }
 
 impl CloseState {
@@ -142,6 +145,7 @@ impl PipeConn {
         let closed = Arc::new(CloseState {
             closed: AtomicBool::new(false),
             on_close: opts.on_close,
+            timed_out_ms: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(
@@ -154,12 +158,13 @@ impl PipeConn {
             rd,
             buf,
             queue.clone(),
-            CloseOnDrop(closed.clone()),
+            closed.clone(),
             writer.abort_handle(),
             addr.into(),
         ));
         let dog = tokio::spawn(watchdog(
             queue,
+            closed.clone(),
             opts.request_timeout,
             reader.abort_handle(),
             addr.into(),
@@ -174,6 +179,11 @@ impl PipeConn {
                 dog.abort_handle(),
             ],
         })
+    }
+
+    /// `request_timeout` in ms if the watchdog closed the connection, else 0.
+    pub fn timed_out_ms(&self) -> u64 {
+        self.closed.timed_out_ms.load(Ordering::Acquire)
     }
 
     pub fn is_closed(&self) -> bool {
@@ -380,24 +390,67 @@ async fn write_loop(
     }
 }
 
+/// The reader's framing state. Dropped however the reader ends (the upstream closed,
+/// a bad reply, the watchdog aborting it): the front waiter gets the replies of its
+/// group that are already in, and every waiter left gets its error at once.
+struct Reading {
+    queue: Arc<Mutex<VecDeque<Waiter>>>,
+    closed: Arc<CloseState>,
+    buf: BytesMut,
+    /// The front waiter's replies framed so far: `have` of them, the first `scan` bytes
+    /// of `buf` (after `partial`, which holds those that came before a push frame).
+    scan: usize,
+    have: u32,
+    partial: BytesMut,
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        // No new requests from now on; the writer is stopped beside this.
+        self.closed.close();
+        let mut q = match self.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.have > 0 {
+            if let Some(w) = q.pop_front() {
+                self.partial.extend_from_slice(&self.buf[..self.scan]);
+                let _ = w.tx.send(Ok(std::mem::take(&mut self.partial).freeze()));
+            }
+        }
+        let err = match self.closed.timed_out_ms.load(Ordering::Acquire) {
+            0 => UpstreamError::ConnectionLost,
+            ms => UpstreamError::Timeout(ms),
+        };
+        for w in q.drain(..) {
+            let _ = w.tx.send(Err(err.clone()));
+        }
+    }
+}
+
 async fn read_loop(
     mut rd: UpRead,
-    mut buf: BytesMut,
+    buf: BytesMut,
     queue: Arc<Mutex<VecDeque<Waiter>>>,
-    _closed: CloseOnDrop,
+    closed: Arc<CloseState>,
     writer: AbortHandle,
     addr: Arc<str>,
 ) {
-    // Whatever ends this loop ends the connection; the writer goes with it.
+    let mut st = Reading {
+        queue,
+        closed,
+        buf,
+        scan: 0,
+        have: 0,
+        partial: BytesMut::new(),
+    };
+    // Whatever ends this loop ends the connection; the writer goes first (dropped
+    // before `st`, so it queues nothing after the waiters were failed).
     let _stop_writer = AbortOnDrop(writer);
-    // The front waiter's replies framed so far: `have` of them, the first `scan` bytes of
-    // `buf` (after `partial`, which holds those that came before a push frame).
-    let mut scan = 0usize;
-    let mut have = 0u32;
-    let mut partial = BytesMut::new();
     loop {
         loop {
-            let n = match frame_len(&buf[scan..]) {
+            let scan = st.scan;
+            let n = match frame_len(&st.buf[scan..]) {
                 Ok(Some(n)) => n,
                 Ok(None) => break,
                 Err(e) => {
@@ -405,22 +458,24 @@ async fn read_loop(
                     return;
                 }
             };
-            if buf[scan] == b'>' {
+            if st.buf[scan] == b'>' {
                 // Out-of-band push (RESP3), cut out of the replies around it. The only
                 // one a data connection expects: its tracking redirect died, so
                 // invalidations are being lost. Closing the connection flushes L1
                 // (on_close) and the replacement tracks afresh.
                 if scan > 0 {
-                    partial.extend_from_slice(&buf.split_to(scan));
-                    scan = 0;
+                    let before = st.buf.split_to(scan);
+                    st.partial.extend_from_slice(&before);
+                    st.scan = 0;
                 }
-                let push = buf.split_to(n);
+                let push = st.buf.split_to(n);
                 if push.windows(21).any(|w| w == b"tracking-redir-broken") {
                     tracing::warn!(upstream = %addr, "tracking-redir-broken; reconnecting");
                     return;
                 }
                 continue;
             }
+            let queue = st.queue.clone();
             let mut q = match queue.lock() {
                 Ok(q) => q,
                 Err(poisoned) => poisoned.into_inner(),
@@ -429,34 +484,35 @@ async fn read_loop(
                 tracing::warn!(upstream = %addr, "reply with no request waiting; closing connection");
                 return;
             };
-            if front.skip > 0 && have == 0 {
+            if front.skip > 0 && st.have == 0 {
                 // Only single requests skip (ASKING's +OK), before their own reply.
                 front.skip -= 1;
-                let _ = buf.split_to(scan + n);
+                let _ = st.buf.split_to(scan + n);
                 continue;
             }
-            scan += n;
-            have += 1;
-            if have < front.count {
+            st.scan += n;
+            st.have += 1;
+            if st.have < front.count {
                 continue;
             }
             let Some(w) = q.pop_front() else { continue };
             drop(q);
-            let reply = if partial.is_empty() {
-                buf.split_to(scan).freeze()
+            let done = st.buf.split_to(st.scan);
+            let reply = if st.partial.is_empty() {
+                done.freeze()
             } else {
-                partial.extend_from_slice(&buf.split_to(scan));
-                std::mem::take(&mut partial).freeze()
+                st.partial.extend_from_slice(&done);
+                std::mem::take(&mut st.partial).freeze()
             };
-            scan = 0;
-            have = 0;
+            st.scan = 0;
+            st.have = 0;
             // The client may have gone away; its reply is simply dropped.
             let _ = w.tx.send(Ok(reply));
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if st.buf.capacity() - st.buf.len() < READ_CHUNK / 4 {
+            st.buf.reserve(READ_CHUNK);
         }
-        match rd.read_buf(&mut buf).await {
+        match rd.read_buf(&mut st.buf).await {
             Ok(0) => {
                 tracing::debug!(upstream = %addr, "upstream closed the connection");
                 return;
@@ -472,12 +528,13 @@ async fn read_loop(
 
 /// Enforces `upstream.request_timeout_ms` for every request on the connection with one
 /// timer, instead of one per request: every `timeout / 8` it looks at the oldest
-/// waiter, and if that one has waited `timeout` or longer, fails every waiter with
-/// `Timeout` and ends the connection (a node that stopped answering would only make
-/// every later request time out too). A request therefore fails between `timeout` and
-/// `timeout * 9 / 8` after it was sent.
+/// waiter, and if that one has waited `timeout` or longer, ends the connection: the
+/// reader, aborted, fails every waiter with `Timeout` (a node that stopped answering
+/// would only make every later request time out too). A request therefore fails
+/// between `timeout` and `timeout * 9 / 8` after it was sent.
 async fn watchdog(
     queue: Arc<Mutex<VecDeque<Waiter>>>,
+    closed: Arc<CloseState>,
     timeout: Option<Duration>,
     reader: AbortHandle,
     addr: Arc<str>,
@@ -491,21 +548,27 @@ async fn watchdog(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         every.tick().await;
-        let expired: Vec<Waiter> = {
+        let waiting = {
             let mut q = match queue.lock() {
                 Ok(q) => q,
                 Err(poisoned) => poisoned.into_inner(),
             };
+            if closed.closed.load(Ordering::Acquire) {
+                // Ended otherwise: a request the writer queued as the reader ended.
+                for w in q.drain(..) {
+                    let _ = w.tx.send(Err(UpstreamError::ConnectionLost));
+                }
+                return;
+            }
             match q.front() {
-                Some(w) if w.sent.elapsed() >= timeout => q.drain(..).collect(),
+                Some(w) if w.sent.elapsed() >= timeout => q.len(),
                 _ => continue,
             }
         };
-        tracing::warn!(upstream = %addr, waiting = expired.len(), timeout_ms = ms, "request timed out; closing connection");
-        for w in expired {
-            let _ = w.tx.send(Err(UpstreamError::Timeout(ms)));
-        }
-        // The reader takes the writer with it, and both mark the connection closed.
+        tracing::warn!(upstream = %addr, waiting, timeout_ms = ms, "request timed out; closing connection");
+        closed.timed_out_ms.store(ms.max(1), Ordering::Release);
+        closed.close();
+        // The reader's state, dropped, hands out what arrived and fails the rest.
         reader.abort();
         return;
     }

@@ -226,14 +226,14 @@ impl Node {
         })
     }
 
-    /// The connection `hint` picks (a client always picks the same one, which keeps its
-    /// commands to one node in order), connecting it if needed.
     /// The pool's connection for `hint` if it is up, without waiting.
     pub fn live_conn(&self, proto: Proto, hint: usize) -> Option<Arc<PipeConn>> {
         let pool = &self.pools[(proto == Proto::Resp3) as usize];
         pool[hint % pool.len()].live()
     }
 
+    /// The connection `hint` picks (a client always picks the same one, which keeps its
+    /// commands to one node in order), connecting it if needed.
     pub async fn conn(
         &self,
         proto: Proto,
@@ -346,10 +346,11 @@ pub struct Upstream {
     tracking: Option<Arc<L1>>,
 }
 
-/// A started request: queued upstream (or failed to queue), not yet answered.
-/// Requests queued together on one connection ([`Upstream::try_start_group`]).
+/// Requests queued together on one connection ([`Upstream::try_start_group`]). Holds
+/// the connection, as a [`Ticket`] does: a node dropped from the topology meanwhile
+/// keeps it until the replies are in.
 pub struct GroupTicket {
-    addr: Arc<str>,
+    conn: Arc<PipeConn>,
     rx: ReplyRx,
     count: u32,
 }
@@ -361,10 +362,11 @@ impl GroupTicket {
 
     /// The node the group went to.
     pub fn addr(&self) -> Arc<str> {
-        self.addr.clone()
+        self.conn.addr.clone()
     }
 }
 
+/// A started request: queued upstream (or failed to queue), not yet answered.
 pub struct Ticket {
     target: Target,
     data: Bytes,
@@ -719,17 +721,14 @@ impl Upstream {
         let node = self.resolve(target).ok()?;
         let conn = node.live_conn(proto, hint)?;
         let rx = conn.send_group(data, 0, count).ok()?;
-        Some(GroupTicket {
-            addr: conn.addr.clone(),
-            rx,
-            count,
-        })
+        Some(GroupTicket { conn, rx, count })
     }
 
-    /// The replies of a group, one `Bytes` each, in order.
-    pub async fn finish_group(&self, g: GroupTicket) -> Result<Vec<Bytes>, Error> {
+    /// The replies of a group, one `Bytes` each, in order; if the connection ended
+    /// before all arrived, the error for the rest.
+    pub async fn finish_group(&self, g: GroupTicket) -> Result<(Vec<Bytes>, Option<Error>), Error> {
         let lost = |source| Error::Upstream {
-            addr: g.addr.to_string(),
+            addr: g.conn.addr.to_string(),
             source,
         };
         let all = match g.rx.await {
@@ -756,7 +755,15 @@ impl Upstream {
             replies.push(all.slice(at..at + n));
             at += n;
         }
-        Ok(replies)
+        if replies.len() < g.count as usize {
+            self.request_refresh();
+            let e = match g.conn.timed_out_ms() {
+                0 => UpstreamError::ConnectionLost,
+                ms => UpstreamError::Timeout(ms),
+            };
+            return Ok((replies, Some(lost(e))));
+        }
+        Ok((replies, None))
     }
 
     /// Takes over a grouped request whose reply was a redirect or CLUSTERDOWN, as
