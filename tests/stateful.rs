@@ -17,6 +17,14 @@ fn proxy() -> &'static Proxy {
     P.get_or_init(|| Proxy::start(&shared_cluster().seeds(), &[], &[]))
 }
 
+/// Held by every test that WATCHes: `a_lost_watch_connection_fails_the_transaction` kills
+/// the node's connection that ran a WATCH, found by `cmd=watch` in CLIENT LIST, which
+/// must be its own.
+fn watch_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn masters() -> Vec<String> {
     shared_cluster().master_addrs()
 }
@@ -40,6 +48,7 @@ fn total_upstream_clients() -> i64 {
 /// The same session against Redis directly and through the proxy: byte-identical replies.
 #[test]
 fn transaction_replies_are_redis_replies() {
+    let _watching = watch_lock();
     let t = tag("tx_replies");
     let k = format!("{t}k");
     let l = format!("{t}l");
@@ -93,6 +102,7 @@ fn transaction_replies_are_redis_replies() {
 
 #[test]
 fn keys_of_a_transaction_share_one_slot() {
+    let _watching = watch_lock();
     let mut c = Resp::connect(&proxy().addr());
     let (a, b) = (tag("tx_slot_a"), tag("tx_slot_b"));
     assert_eq!(s(c.cmd(&["MULTI"])), "+OK\r\n");
@@ -132,6 +142,7 @@ fn keys_of_a_transaction_share_one_slot() {
 
 #[test]
 fn watch_sees_another_clients_write() {
+    let _watching = watch_lock();
     let t = tag("tx_watch");
     let k = format!("{t}k");
     let mut c1 = Resp::connect(&proxy().addr());
@@ -165,6 +176,7 @@ fn watch_sees_another_clients_write() {
 
 #[test]
 fn a_thousand_transactions_reuse_pooled_connections() {
+    let _watching = watch_lock();
     let t = tag("tx_pool");
     let k = format!("{t}n");
     let mut c = Resp::connect(&proxy().addr());
@@ -196,6 +208,7 @@ fn a_thousand_transactions_reuse_pooled_connections() {
 /// before the next client gets it (one idle connection per node makes reuse certain).
 #[test]
 fn a_client_leaving_mid_transaction_leaves_no_watch_behind() {
+    let _watching = watch_lock();
     let px = Proxy::start_with_config(
         &shared_cluster().seeds(),
         "[upstream]\npinned_idle_per_node = 1\n",
@@ -231,6 +244,7 @@ fn a_client_leaving_mid_transaction_leaves_no_watch_behind() {
 /// transaction must not commit (a later WATCH does not silently replace it).
 #[test]
 fn a_lost_watch_connection_fails_the_transaction() {
+    let _watching = watch_lock();
     let t = tag("tx_lost");
     let (k, other) = (format!("{t}k"), format!("{t}o"));
     let mut c = Resp::connect(&proxy().addr());

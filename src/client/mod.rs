@@ -502,14 +502,16 @@ async fn forward_group<R, W, I>(
         .fetch_add(planned.len() as u64, Ordering::Relaxed);
     // Without a connection ready (not yet connected, a failover) a node's commands start
     // one by one, as the ordinary path would start them.
-    let mut tickets: Vec<Option<crate::upstream::GroupTicket>> = nodes
+    // Per node: `Some(Some(ticket))` until its first member takes it, `Some(None)` after;
+    // `None`: not grouped.
+    let mut tickets: Vec<Option<Option<crate::upstream::GroupTicket>>> = nodes
         .into_iter()
         .map(|n| {
             px.upstream
                 .try_start_group(&n.target, n.data.freeze(), n.count, proto, hint)
+                .map(Some)
         })
         .collect();
-    let grouped: Vec<bool> = tickets.iter().map(Option::is_some).collect();
     let slowlog = px.slowlog.enabled();
     for (plan, req, g) in planned {
         if !sess
@@ -527,10 +529,10 @@ async fn forward_group<R, W, I>(
             values: plan.values,
             group: g,
         };
-        let p = match (grouped[g], tickets[g].take()) {
-            (true, Some(t)) => Pending::Group(t, member),
-            (true, None) => Pending::Member(member),
-            (false, _) => {
+        let p = match tickets[g].as_mut().map(Option::take) {
+            Some(Some(t)) => Pending::Group(t, member),
+            Some(None) => Pending::Member(member),
+            None => {
                 let t = px
                     .upstream
                     .start(member.target, member.data, proto, hint)

@@ -105,11 +105,18 @@ impl CommandInfo {
 
     /// Argument indices of the keys in `args` (args[0] is the command name).
     pub fn key_indices(&self, args: &[Bytes]) -> Vec<usize> {
-        let argc = args.len() as i64;
         let mut keys = Vec::new();
+        self.for_each_key(args, |i| keys.push(i));
+        keys
+    }
+
+    /// Calls `f` with the argument index of every key in `args`, in order (no
+    /// allocation: the request path's form of [`Self::key_indices`]).
+    pub fn for_each_key(&self, args: &[Bytes], mut f: impl FnMut(usize)) {
+        let argc = args.len() as i64;
         if self.key_specs.is_empty() {
             if self.first_key <= 0 {
-                return keys;
+                return;
             }
             let last = if self.last_key < 0 {
                 argc + self.last_key
@@ -119,10 +126,10 @@ impl CommandInfo {
             let step = self.step.max(1);
             let mut i = self.first_key;
             while i <= last && i < argc {
-                keys.push(i as usize);
+                f(i as usize);
                 i += step;
             }
-            return keys;
+            return;
         }
         for spec in &self.key_specs {
             let first = match &spec.begin {
@@ -198,11 +205,10 @@ impl CommandInfo {
                 if i >= argc || i < first {
                     break;
                 }
-                keys.push(i as usize);
+                f(i as usize);
                 i += step;
             }
         }
-        keys
     }
 }
 

@@ -161,7 +161,7 @@ pub fn plan_forward<'t>(
         return None;
     }
     // CROSSSLOT is the ordinary path's to report.
-    let target = target_for(px, &info.key_indices(&req.args), &req.args).ok()?;
+    let target = target_of(px, info, &req.args).ok()?;
     Some(Plan {
         info,
         target,
@@ -569,7 +569,7 @@ async fn by_policy(
             blocking::run(px, sess.proto, target, &info.name, req)
         }
         Policy::Forward => {
-            let target = match target_for(px, &info.key_indices(&req.args), &req.args) {
+            let target = match target_of(px, info, &req.args) {
                 Ok(t) => t,
                 Err(e) => return Pending::error(e),
             };
@@ -589,6 +589,35 @@ async fn by_policy(
                     .await,
             )
         }
+    }
+}
+
+/// [`target_for`] the keys of command `info` in `args`, found without allocating.
+fn target_of(
+    px: &Proxy,
+    info: &crate::parse::table::CommandInfo,
+    args: &[Bytes],
+) -> Result<Target, Error> {
+    let cluster = px.upstream.mode() == Some(Mode::Cluster);
+    let mut slot: Option<u16> = None;
+    let mut cross = false;
+    info.for_each_key(args, |i| {
+        if !cluster {
+            // One node holds every slot: no hashing.
+            slot = Some(0);
+            return;
+        }
+        let s = key_slot(&args[i]);
+        match slot {
+            None => slot = Some(s),
+            Some(first) if first != s => cross = true,
+            Some(_) => {}
+        }
+    });
+    match slot {
+        _ if cross => Err(Error::crossslot()),
+        Some(s) => Ok(Target::Slot(s)),
+        None => Ok(Target::Any),
     }
 }
 
