@@ -512,6 +512,16 @@ fn metrics_commandstats_and_slowlog_count_a_known_workload() {
     assert!(!s(c.cmd(&["INFO", "commandstats"])).contains("cmdstat_set"));
 }
 
+/// A proxy in front of `redis` whose upstream requests time out after 1 s.
+fn proxy_with_1s_timeout(redis: &RedisServer) -> Proxy {
+    let cfg = write_config("[upstream]\nrequest_timeout_ms = 1000\n");
+    Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    )
+}
+
 /// A node that stops answering (frozen, its connections open): every request waiting on
 /// it gets the timeout error after `request_timeout_ms` (the connection's watchdog
 /// checks every eighth of it), the client connection stays usable, and service resumes
@@ -519,17 +529,7 @@ fn metrics_commandstats_and_slowlog_count_a_known_workload() {
 #[test]
 fn frozen_upstream_times_out_every_waiting_request() {
     let redis = RedisServer::start();
-    let px = Proxy::start(
-        &[redis.addr()],
-        &[
-            "--config",
-            write_config("[upstream]\nrequest_timeout_ms = 1000\n")
-                .path()
-                .to_str()
-                .unwrap(),
-        ],
-        &[],
-    );
+    let px = proxy_with_1s_timeout(&redis);
     let mut c = Resp::connect(&px.addr());
     assert_eq!(s(c.cmd(&["SET", "frozen", "v"])), "+OK\r\n");
     redis.signal("STOP");
@@ -564,17 +564,7 @@ fn frozen_upstream_times_out_every_waiting_request() {
 #[test]
 fn a_group_cut_by_a_timeout_keeps_the_replies_that_arrived() {
     let redis = RedisServer::start();
-    let px = Proxy::start(
-        &[redis.addr()],
-        &[
-            "--config",
-            write_config("[upstream]\nrequest_timeout_ms = 1000\n")
-                .path()
-                .to_str()
-                .unwrap(),
-        ],
-        &[],
-    );
+    let px = proxy_with_1s_timeout(&redis);
     let mut c = Resp::connect(&px.addr());
     assert_eq!(s(c.cmd(&["SET", "cut", "5"])), "+OK\r\n");
     // Redis answers reads, then holds the connection at the first write for 3 s.
@@ -583,17 +573,12 @@ fn a_group_cut_by_a_timeout_keeps_the_replies_that_arrived() {
         s(direct.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"])),
         "+OK\r\n"
     );
-    let mut pipeline = Vec::new();
-    for cmd in [
-        &["GET", "cut"][..],
+    c.send_raw(&support::encode_pipeline(&[
+        &["GET", "cut"],
         &["STRLEN", "cut"],
         &["INCR", "cut"],
         &["GET", "cut"],
-    ] {
-        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
-        pipeline.extend(support::encode_cmd(&args));
-    }
-    c.send_raw(&pipeline);
+    ]));
     let replies: Vec<String> = (0..4).map(|_| s(c.read_reply())).collect();
     assert_eq!(replies[0], "$1\r\n5\r\n", "{replies:?}");
     assert_eq!(replies[1], ":1\r\n", "{replies:?}");

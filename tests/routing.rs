@@ -226,12 +226,7 @@ fn owner_of(cluster: &RedisCluster, slot: i64) -> String {
 
 /// Sends `cmds` in one write and checks their replies, in order.
 fn pipeline(c: &mut Resp, cmds: &[&[&str]], want: &[&str]) {
-    let mut all = Vec::new();
-    for cmd in cmds {
-        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
-        all.extend(support::encode_cmd(&args));
-    }
-    c.send_raw(&all);
+    c.send_raw(&support::encode_pipeline(cmds));
     let got: Vec<String> = want.iter().map(|_| s(c.read_reply())).collect();
     assert_eq!(got, want);
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{eventually, l1_stat as stat, shared_cluster, tag, Proxy, Resp};
+use support::{eventually, l1_stat as stat, message, shared_cluster, tag, Proxy, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -226,14 +226,6 @@ fn messages(c: &mut Resp, quiet: Duration) -> Vec<String> {
         out.push(s(m));
     }
     out
-}
-
-fn message(kind: &str, parts: &[&str]) -> String {
-    let mut m = format!("*{}\r\n${}\r\n{kind}\r\n", parts.len() + 1, kind.len());
-    for p in parts {
-        m.push_str(&format!("${}\r\n{p}\r\n", p.len()));
-    }
-    m
 }
 
 /// Channel names, patterns and keyspace notifications live in the namespace too: a

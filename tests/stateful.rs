@@ -6,7 +6,9 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{connected_clients, eventually, shared_cluster, shared_standalone, tag, Proxy, Resp};
+use support::{
+    connected_clients, eventually, message, shared_cluster, shared_standalone, tag, Proxy, Resp,
+};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -439,14 +441,6 @@ fn a_hundred_blocked_clients_delay_nobody_and_leak_nothing() {
 // ------------------------------------------------------------------------------------------
 // Pub/Sub
 // ------------------------------------------------------------------------------------------
-
-fn message(kind: &str, parts: &[&str]) -> String {
-    let mut m = format!("*{}\r\n${}\r\n{kind}\r\n", parts.len() + 1, kind.len());
-    for p in parts {
-        m.push_str(&format!("${}\r\n{p}\r\n", p.len()));
-    }
-    m
-}
 
 #[test]
 fn subscribers_get_messages_published_anywhere() {

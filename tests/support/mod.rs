@@ -1105,6 +1105,26 @@ pub fn encode_cmd(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// Commands encoded back to back, to be sent in one write (a pipeline).
+pub fn encode_pipeline(cmds: &[&[&str]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for cmd in cmds {
+        let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+        out.extend(encode_cmd(&args));
+    }
+    out
+}
+
+/// A pub/sub message frame (RESP2) as Redis sends it: `kind` (`message`, `pmessage`,
+/// `smessage`) and its parts.
+pub fn message(kind: &str, parts: &[&str]) -> String {
+    let mut m = format!("*{}\r\n${}\r\n{kind}\r\n", parts.len() + 1, kind.len());
+    for p in parts {
+        m.push_str(&format!("${}\r\n{p}\r\n", p.len()));
+    }
+    m
+}
+
 /// Decodes one RESP2/RESP3 reply at the start of `buf`: `Ok(None)` if more bytes are needed,
 /// otherwise the value and how many bytes it spans. Streamed (`?`) replies are not supported
 /// because Redis never sends them.
