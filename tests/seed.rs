@@ -167,6 +167,44 @@ fn a_namespace_prefixes_keys_and_strips_them_from_replies() {
     assert_eq!(s(t.cmd(&["EXISTS", &format!("{ns}k1")])), ":1\r\n");
 }
 
+/// SORT's BY and GET patterns name keys too (Redis Cluster refuses them, a single
+/// server runs them): in the namespace, not the same names outside it.
+#[test]
+fn sort_patterns_stay_in_the_namespace() {
+    let ns = fresh_namespace("sort");
+    let cfg = config(".toml", &format!("namespace = \"{ns}\"\n"));
+    let upstream = [support::shared_standalone().addr()];
+    let px = Proxy::start(&upstream, &["--config", cfg.path().to_str().unwrap()], &[]);
+    let truth = Proxy::start(&upstream, &[], &[]);
+    let mut c = Resp::connect(&px.addr());
+    let mut t = Resp::connect(&truth.addr());
+    // Names unique to this run, used inside and outside the namespace.
+    let b = fresh_namespace("sortkeys");
+    let k = |n: &str| format!("{b}{n}");
+    let list = k("l");
+    assert_eq!(s(c.cmd(&["RPUSH", &list, "2", "1", "3"])), ":3\r\n");
+    let (w1, w2, w3, d1, d2, d3) = (k("w_1"), k("w_2"), k("w_3"), k("d_1"), k("d_2"), k("d_3"));
+    assert_eq!(
+        s(c.cmd(&["MSET", &w1, "30", &w2, "10", &w3, "20", &d1, "one", &d2, "two", &d3, "three"])),
+        "+OK\r\n"
+    );
+    // The same names outside the namespace, with other weights and values.
+    assert_eq!(
+        s(t.cmd(&["MSET", &w1, "1", &w2, "2", &w3, "3", &d1, "x"])),
+        "+OK\r\n"
+    );
+    let (by, get) = (k("w_*"), k("d_*"));
+    assert_eq!(
+        s(c.cmd(&["SORT", &list, "BY", &by, "GET", &get, "GET", "#"])),
+        "*6\r\n$3\r\ntwo\r\n$1\r\n2\r\n$5\r\nthree\r\n$1\r\n3\r\n$3\r\none\r\n$1\r\n1\r\n"
+    );
+    assert_eq!(
+        s(c.cmd(&["SORT_RO", &list, "BY", &by, "LIMIT", "0", "1", "GET", &get])),
+        "*1\r\n$3\r\ntwo\r\n"
+    );
+    assert_eq!(s(t.cmd(&["DEL", &w1, &w2, &w3, &d1])), ":4\r\n");
+}
+
 #[test]
 fn each_user_can_have_its_own_namespace() {
     let ns = fresh_namespace("shared");

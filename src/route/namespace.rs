@@ -124,6 +124,24 @@ pub fn rewrite(
             }
         }
     }
+    if matches!(name, "sort" | "sort_ro") {
+        // BY and GET name keys by pattern (`weight_*`, `data_*->field`): in the
+        // namespace too, or SORT would read other namespaces' keys. `GET #` is the
+        // element itself.
+        let mut i = 2;
+        while i + 1 < args.len() {
+            let by = args[i].eq_ignore_ascii_case(b"by");
+            let get = args[i].eq_ignore_ascii_case(b"get") && &args[i + 1][..] != b"#";
+            if by || get {
+                args[i + 1] = prefixed(ns, &args[i + 1]);
+                i += 2;
+            } else if args[i].eq_ignore_ascii_case(b"limit") {
+                i += 3;
+            } else {
+                i += 1;
+            }
+        }
+    }
     match name {
         "keys" if args.len() == 2 => {
             args[1] = pattern_in(ns, &args[1]);
