@@ -150,6 +150,15 @@ fn a_namespace_prefixes_keys_and_strips_them_from_replies() {
         "{r}"
     );
 
+    // Inside a transaction too: EXEC's reply strips what the commands alone would.
+    assert_eq!(s(c.cmd(&["MULTI"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["RPUSH", "{u}q", "e"])), "+QUEUED\r\n");
+    assert_eq!(s(c.cmd(&["LMPOP", "1", "{u}q", "LEFT"])), "+QUEUED\r\n");
+    assert_eq!(
+        s(c.cmd(&["EXEC"])),
+        "*2\r\n:1\r\n*2\r\n$4\r\n{u}q\r\n*1\r\n$1\r\ne\r\n"
+    );
+
     // Blocking pops name their key without the prefix.
     assert_eq!(s(c.cmd(&["RPUSH", "list", "x"])), ":1\r\n");
     assert_eq!(
@@ -203,6 +212,22 @@ fn sort_patterns_stay_in_the_namespace() {
         "*1\r\n$3\r\ntwo\r\n"
     );
     assert_eq!(s(t.cmd(&["DEL", &w1, &w2, &w3, &d1])), ":4\r\n");
+
+    // KEYS and SCAN inside a transaction (a single server runs them there): EXEC's reply
+    // strips the namespace as their own replies would be.
+    let pattern = k("l*");
+    assert_eq!(s(c.cmd(&["MULTI"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["KEYS", &pattern])), "+QUEUED\r\n");
+    assert_eq!(
+        s(c.cmd(&["SCAN", "0", "MATCH", &pattern, "COUNT", "100000"])),
+        "+QUEUED\r\n"
+    );
+    let r = s(c.cmd(&["EXEC"]));
+    let bulk = format!("${}\r\n{list}\r\n", list.len());
+    assert!(
+        r.starts_with(&format!("*2\r\n*1\r\n{bulk}*2\r\n$1\r\n0\r\n*1\r\n{bulk}")),
+        "{r}"
+    );
 }
 
 #[test]

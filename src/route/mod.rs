@@ -262,7 +262,12 @@ async fn dispatch_namespaced(
             namespace::Strip::Nothing,
         ),
     };
+    let queued = sess.txn.queued();
     let p = dispatch_plain(px, sess, req).await;
+    if strip != namespace::Strip::Nothing && sess.txn.queued() > queued {
+        // Queued in MULTI: its reply comes back inside EXEC's.
+        sess.txn.strip_last(ns.clone(), strip);
+    }
     namespace::strip_reply(px, sess.proto, ns, strip, p)
 }
 

@@ -353,6 +353,12 @@ pub fn strip_reply(
     })
 }
 
+/// The key names of reply `raw` without namespace `ns`, as [`strip_reply`] does (for one
+/// element of an EXEC reply).
+pub fn strip_item(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
+    strip_raw(ns, event, how, raw)
+}
+
 fn strip_raw(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
     let Some(items) = split_aggregate(&raw) else {
         return raw;

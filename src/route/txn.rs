@@ -70,6 +70,19 @@ impl TxnState {
 }
 
 impl TxnState {
+    /// How many commands are queued (0 outside MULTI).
+    pub fn queued(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.cmds.len())
+    }
+
+    /// The command queued last names keys of namespace `ns` in its reply, `how`: EXEC
+    /// strips them there, as the reply of the command run alone would be.
+    pub fn strip_last(&mut self, ns: Bytes, how: super::namespace::Strip) {
+        if let Some(c) = self.queue.as_mut().and_then(|q| q.cmds.last_mut()) {
+            c.strip = Some((ns, how));
+        }
+    }
+
     /// A command was refused while queueing (as by Redis's checks): EXEC will answer
     /// EXECABORT. Nothing happens outside MULTI.
     pub fn refuse_queued(&mut self) {
@@ -97,6 +110,9 @@ struct Queued {
     /// Rewritten into a script that refuses to touch a spilled value (its name, for the
     /// error that replaces the script's refusal).
     guarded: Option<String>,
+    /// A namespaced client's KEYS, SCAN or pop: the key names its reply carries lose the
+    /// namespace (see [`TxnState::strip_last`]).
+    strip: Option<(Bytes, super::namespace::Strip)>,
 }
 
 fn take(cell: &Mutex<WatchSlot>) -> Option<Pinned> {
@@ -335,6 +351,7 @@ async fn check_and_rewrite(
             raw: command_bytes(&args),
             resolve: false,
             guarded: Some(name.to_ascii_uppercase()),
+            strip: None,
         };
         return Ok((queued, slot, keys));
     }
@@ -353,6 +370,7 @@ fn plain(req: Request, resolve: bool) -> Queued {
         raw: req.raw,
         resolve,
         guarded: None,
+        strip: None,
     }
 }
 
@@ -452,12 +470,15 @@ async fn run(
     Err(Error::proxy("transaction redirected twice"))
 }
 
-/// EXEC's array with spill stubs resolved and guarded refusals explained.
+/// EXEC's array with spill stubs resolved, guarded refusals explained and a namespace's
+/// key names stripped.
 async fn finish(px: &Proxy, q: &Queue, exec: Bytes) -> Result<Bytes, Error> {
-    let Some(sp) = px.spill.as_ref() else {
-        return Ok(exec);
-    };
-    if !q.cmds.iter().any(|c| c.resolve || c.guarded.is_some()) {
+    let sp = px.spill.as_ref();
+    if !q
+        .cmds
+        .iter()
+        .any(|c| (sp.is_some() && (c.resolve || c.guarded.is_some())) || c.strip.is_some())
+    {
         return Ok(exec);
     }
     let Some(items) = split_aggregate(&exec).filter(|i| i.len() == q.cmds.len()) else {
@@ -466,7 +487,7 @@ async fn finish(px: &Proxy, q: &Queue, exec: Bytes) -> Result<Bytes, Error> {
     let mut out = BytesMut::with_capacity(exec.len());
     out.put_slice(format!("*{}\r\n", items.len()).as_bytes());
     for (item, cmd) in items.into_iter().zip(&q.cmds) {
-        let item = if let Some(name) = &cmd.guarded {
+        let item = if let (Some(name), Some(_)) = (&cmd.guarded, sp) {
             if error_text(&item).as_deref() == Some("ERR TIERPROXY_SPILLED") {
                 Error::proxy(format!(
                     "{name} on a spilled value cannot run inside MULTI; run it outside the transaction"
@@ -476,13 +497,19 @@ async fn finish(px: &Proxy, q: &Queue, exec: Bytes) -> Result<Bytes, Error> {
             } else {
                 item
             }
-        } else if cmd.resolve {
+        } else if let (true, Some(sp)) = (cmd.resolve, sp) {
             match spill::resolve_reply(sp, item).await {
                 Ok(b) => b,
                 Err(e) => e.to_reply().to_bytes(Proto::Resp2),
             }
         } else {
             item
+        };
+        let item = match &cmd.strip {
+            Some((ns, how)) => {
+                super::namespace::strip_item(ns, super::namespace::event_channel(px), *how, item)
+            }
+            None => item,
         };
         out.put_slice(&item);
     }
