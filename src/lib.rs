@@ -111,8 +111,6 @@ impl Proxy {
     }
 }
 
-/// Binds, serves until `shutdown` resolves, drains, and returns. With a `reload`
-/// loader, SIGHUP re-reads the configuration (see [`reload`]).
 /// Start-up warming (`l1.warm_keys`, `l1.warm_patterns`) in the background, once the
 /// topology is known. With `l1.warm_before_ready`, `/readyz` waits for it.
 fn start_warming(px: &Arc<Proxy>) {
@@ -151,6 +149,8 @@ fn start_warming(px: &Arc<Proxy>) {
     });
 }
 
+/// Binds, serves until `shutdown` resolves, drains, and returns. With a `reload`
+/// loader, SIGHUP re-reads the configuration (see [`reload`]).
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()>,

@@ -435,11 +435,16 @@ async fn forward_group<R, W, I>(
 ) where
     I: Iterator<Item = crate::parse::request::Request>,
 {
-    if reqs
-        .peek()
-        .and_then(|r| route::plan_forward(px, sess, table, r))
-        .is_none()
-    {
+    // Requests are copied into their group: large ones go on their own, uncopied.
+    const LARGE: usize = 16 * 1024;
+    const GROUP_BYTES: usize = 256 * 1024;
+    let plan_next = |reqs: &mut std::iter::Peekable<I>, sess: &Session| {
+        reqs.peek()
+            .filter(|r| r.raw.len() <= LARGE)
+            .and_then(|r| route::plan_forward(px, sess, table, r))
+    };
+    let mut next = plan_next(reqs, sess);
+    if next.is_none() {
         return;
     }
     let Ok(topo) = px.upstream.topology() else {
@@ -458,25 +463,16 @@ async fn forward_group<R, W, I>(
     }
     let mut nodes: Vec<ForNode> = Vec::new();
     let mut planned = Vec::new();
-    // Requests are copied into their group: large ones go on their own, uncopied.
-    const LARGE: usize = 16 * 1024;
-    const GROUP_BYTES: usize = 256 * 1024;
-    while let Some((plan, at)) = reqs.peek().and_then(|r| {
-        if r.raw.len() > LARGE {
-            return None;
-        }
-        let plan = route::plan_forward(px, sess, table, r)?;
-        let node = node_of(&plan.target)?;
-        Some((plan, node))
-    }) {
-        let full = nodes
-            .iter()
-            .any(|n| n.node == at && n.data.len() >= GROUP_BYTES);
-        if full {
+    while let Some(plan) = next.take() {
+        let Some(at) = node_of(&plan.target) else {
+            break;
+        };
+        let g = nodes.iter().position(|n| n.node == at);
+        if g.is_some_and(|g| nodes[g].data.len() >= GROUP_BYTES) {
             break;
         }
         let Some(req) = reqs.next() else { break };
-        let g = match nodes.iter().position(|n| n.node == at) {
+        let g = match g {
             Some(g) => g,
             None => {
                 nodes.push(ForNode {
@@ -491,6 +487,7 @@ async fn forward_group<R, W, I>(
         nodes[g].data.extend_from_slice(&req.raw);
         nodes[g].count += 1;
         planned.push((plan, req, g));
+        next = plan_next(reqs, sess);
     }
     if planned.is_empty() {
         return;
@@ -513,16 +510,19 @@ async fn forward_group<R, W, I>(
         })
         .collect();
     let slowlog = px.slowlog.enabled();
-    for (plan, req, g) in planned {
+    // CLIENT LIST's cmd= field: the run's last command.
+    if let Some((last, _, _)) = planned.last() {
         if !sess
             .last_cmd
             .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, plan.info))
+            .is_some_and(|c| Arc::ptr_eq(c, last.info))
         {
-            sess.update_meta(|m| m.last_cmd = plan.info.name.clone());
-            sess.last_cmd = Some(plan.info.clone());
+            sess.update_meta(|m| m.last_cmd = last.info.name.clone());
+            sess.last_cmd = Some(last.info.clone());
         }
-        crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
+    }
+    crate::metrics::INFLIGHT_NOW.fetch_add(planned.len() as i64, Ordering::Relaxed);
+    for (plan, req, g) in planned {
         let member = route::Member {
             target: plan.target,
             data: req.raw.clone(),
@@ -800,6 +800,7 @@ struct Group {
 }
 
 impl Default for Group {
+    /// Filled in when the group's first member is resolved.
     fn default() -> Group {
         let now = Instant::now();
         Group {

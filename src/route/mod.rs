@@ -403,7 +403,7 @@ async fn dispatch_plain(px: &Arc<Proxy>, sess: &mut Session, req: Request) -> Pe
     }
     if name == "lcs" {
         // Routed like any two-key command: CROSSSLOT first, as Redis Cluster would.
-        if let Err(e) = target_for(px, &info.key_indices(&req.args), &req.args) {
+        if let Err(e) = target_of(px, &info, &req.args) {
             return Pending::error(e);
         }
         return Box::pin(spill::lcs(px, sess.proto, sess.hint(), req)).await;
@@ -564,7 +564,7 @@ async fn by_policy(
             info.name
         ))),
         Policy::Blocking => {
-            let target = match target_for(px, &info.key_indices(&req.args), &req.args) {
+            let target = match target_of(px, info, &req.args) {
                 Ok(t) => t,
                 Err(e) => return Pending::error(e),
             };
@@ -597,7 +597,9 @@ async fn by_policy(
     }
 }
 
-/// [`target_for`] the keys of command `info` in `args`, found without allocating.
+/// Where command `info` with `args` goes: the slot all its keys share (found without
+/// allocating), any master for none, `CROSSSLOT` (cluster mode only) if they don't share
+/// one.
 fn target_of(
     px: &Proxy,
     info: &crate::parse::table::CommandInfo,
@@ -624,20 +626,4 @@ fn target_of(
         Some(s) => Ok(Target::Slot(s)),
         None => Ok(Target::Any),
     }
-}
-
-/// The slot all keys share; `CROSSSLOT` (cluster mode only) if they don't share one.
-pub fn target_for(px: &Proxy, keys: &[usize], args: &[Bytes]) -> Result<Target, Error> {
-    let Some(&first) = keys.first() else {
-        return Ok(Target::Any);
-    };
-    if px.upstream.mode() != Some(Mode::Cluster) {
-        // One node holds every slot: no hashing.
-        return Ok(Target::Slot(0));
-    }
-    let slot = key_slot(&args[first]);
-    if keys[1..].iter().any(|&i| key_slot(&args[i]) != slot) {
-        return Err(Error::crossslot());
-    }
-    Ok(Target::Slot(slot))
 }

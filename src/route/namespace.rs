@@ -92,7 +92,7 @@ pub fn rewrite(
             name.to_ascii_uppercase()
         )));
     }
-    if is_subscribe(name) {
+    if info.policy == crate::parse::table::Policy::Subscribe {
         // The subscription keeps the client's names (its confirmations show them);
         // pub/sub translates each name on its way to Redis and back.
         return Ok((req, Strip::Nothing));
@@ -167,13 +167,6 @@ pub fn rewrite(
         _ => {}
     }
     Ok((Request::from_args(args), strip_for(name)))
-}
-
-fn is_subscribe(name: &str) -> bool {
-    matches!(
-        name,
-        "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe"
-    )
 }
 
 const KEYSPACE: &[u8] = b"__keyspace@";
@@ -353,13 +346,9 @@ pub fn strip_reply(
     })
 }
 
-/// The key names of reply `raw` without namespace `ns`, as [`strip_reply`] does (for one
-/// element of an EXEC reply).
-pub fn strip_item(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
-    strip_raw(ns, event, how, raw)
-}
-
-fn strip_raw(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
+/// The key names of reply `raw` without namespace `ns` (what [`strip_reply`] does, also
+/// for one element of an EXEC reply).
+pub fn strip_raw(ns: &[u8], event: &[u8], how: Strip, raw: Bytes) -> Bytes {
     let Some(items) = split_aggregate(&raw) else {
         return raw;
     };

@@ -15,7 +15,6 @@ use crate::spill::Spill;
 use crate::upstream::{key_slot, Target};
 use crate::Proxy;
 
-/// Argument positions of the values a string write stores.
 /// Whether [`value_positions`] is non-empty, without allocating.
 pub fn has_value_positions(name: &str, argc: usize) -> bool {
     match name {
@@ -41,6 +40,7 @@ pub fn must_wrap_any(spill: &Spill, name: &str, args: &[Bytes]) -> bool {
         .any(|v| spill.must_wrap(v))
 }
 
+/// Argument positions of the values a string write stores.
 pub fn value_positions(name: &str, argc: usize) -> Vec<usize> {
     match name {
         "set" | "setnx" | "getset" if argc >= 3 => vec![2],
@@ -141,7 +141,6 @@ pub fn finish_write(
     })
 }
 
-/// Resolves any stub in a bulk reply, or in the elements of an array reply.
 /// A forwarded reply with its stubs (if any) replaced by their values. The store is
 /// only touched, and the future only boxed, when a stub is there.
 pub async fn resolved(px: &Proxy, raw: Bytes) -> Value {
@@ -164,6 +163,7 @@ pub fn may_hold_stub(raw: &Bytes) -> bool {
     }
 }
 
+/// Resolves any stub in a bulk reply, or in the elements of an array reply.
 pub async fn resolve_reply(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
     match raw.first() {
         Some(b'$') => resolve_bulk(spill, raw).await,

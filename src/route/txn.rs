@@ -507,7 +507,7 @@ async fn finish(px: &Proxy, q: &Queue, exec: Bytes) -> Result<Bytes, Error> {
         };
         let item = match &cmd.strip {
             Some((ns, how)) => {
-                super::namespace::strip_item(ns, super::namespace::event_channel(px), *how, item)
+                super::namespace::strip_raw(ns, super::namespace::event_channel(px), *how, item)
             }
             None => item,
         };

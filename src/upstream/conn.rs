@@ -181,9 +181,10 @@ impl PipeConn {
         })
     }
 
-    /// `request_timeout` in ms if the watchdog closed the connection, else 0.
-    pub fn timed_out_ms(&self) -> u64 {
-        self.closed.timed_out_ms.load(Ordering::Acquire)
+    /// Why the connection ended (`Timeout` if the watchdog ended it), for the requests
+    /// it leaves unanswered.
+    pub fn end_error(&self) -> UpstreamError {
+        self.closed.end_error()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -213,8 +214,8 @@ impl PipeConn {
         Ok(rx)
     }
 
-    /// Drops the connection: used when a request on it timed out, because a connection
-    /// that stopped answering would only make every later request time out too.
+    /// Ends the connection: its tasks stop, and the reader's end fails every request
+    /// still waiting on it.
     pub fn kill(&self) {
         self.closed.close();
         for t in &self.tasks {
@@ -404,6 +405,23 @@ struct Reading {
     partial: BytesMut,
 }
 
+/// Fails every waiting request with `err`.
+fn fail_all(q: &mut VecDeque<Waiter>, err: &UpstreamError) {
+    for w in q.drain(..) {
+        let _ = w.tx.send(Err(err.clone()));
+    }
+}
+
+impl CloseState {
+    /// Why the connection ended, for the requests it leaves unanswered.
+    fn end_error(&self) -> UpstreamError {
+        match self.timed_out_ms.load(Ordering::Acquire) {
+            0 => UpstreamError::ConnectionLost,
+            ms => UpstreamError::Timeout(ms),
+        }
+    }
+}
+
 impl Drop for Reading {
     fn drop(&mut self) {
         // No new requests from now on; the writer is stopped beside this.
@@ -418,13 +436,7 @@ impl Drop for Reading {
                 let _ = w.tx.send(Ok(std::mem::take(&mut self.partial).freeze()));
             }
         }
-        let err = match self.closed.timed_out_ms.load(Ordering::Acquire) {
-            0 => UpstreamError::ConnectionLost,
-            ms => UpstreamError::Timeout(ms),
-        };
-        for w in q.drain(..) {
-            let _ = w.tx.send(Err(err.clone()));
-        }
+        fail_all(&mut q, &self.closed.end_error());
     }
 }
 
@@ -447,6 +459,7 @@ async fn read_loop(
     // Whatever ends this loop ends the connection; the writer goes first (dropped
     // before `st`, so it queues nothing after the waiters were failed).
     let _stop_writer = AbortOnDrop(writer);
+    let queue = st.queue.clone();
     loop {
         loop {
             let scan = st.scan;
@@ -475,7 +488,6 @@ async fn read_loop(
                 }
                 continue;
             }
-            let queue = st.queue.clone();
             let mut q = match queue.lock() {
                 Ok(q) => q,
                 Err(poisoned) => poisoned.into_inner(),
@@ -555,9 +567,7 @@ async fn watchdog(
             };
             if closed.closed.load(Ordering::Acquire) {
                 // Ended otherwise: a request the writer queued as the reader ended.
-                for w in q.drain(..) {
-                    let _ = w.tx.send(Err(UpstreamError::ConnectionLost));
-                }
+                fail_all(&mut q, &UpstreamError::ConnectionLost);
                 return;
             }
             match q.front() {

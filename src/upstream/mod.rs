@@ -757,11 +757,7 @@ impl Upstream {
         }
         if replies.len() < g.count as usize {
             self.request_refresh();
-            let e = match g.conn.timed_out_ms() {
-                0 => UpstreamError::ConnectionLost,
-                ms => UpstreamError::Timeout(ms),
-            };
-            return Ok((replies, Some(lost(e))));
+            return Ok((replies, Some(lost(g.conn.end_error()))));
         }
         Ok((replies, None))
     }
