@@ -91,6 +91,10 @@ pub struct CommandInfo {
     pub policy: Policy,
     /// INFO commandstats and the duration histogram, shared by every table built.
     pub stat: &'static crate::metrics::CmdStat,
+    /// Whether the request path may forward this command as it is, and whether its
+    /// reply may then carry spill stubs: decided once per command by the router
+    /// (`route::plan_forward`), which knows the proxy's own handling.
+    pub lane: std::sync::OnceLock<Option<bool>>,
 }
 
 impl CommandInfo {
@@ -393,6 +397,7 @@ fn parse_entry(e: &F) -> Option<CommandInfo> {
         }
     }
     let mut info = CommandInfo {
+        lane: std::sync::OnceLock::new(),
         stat: crate::metrics::command_stat(&name),
         name,
         arity,
@@ -523,6 +528,7 @@ mod tests {
             subcommands: HashMap::new(),
             policy: Policy::Forward,
             stat: crate::metrics::command_stat("eval"),
+            lane: std::sync::OnceLock::new(),
         };
         assert_eq!(
             eval.key_indices(&args(&["eval", "s", "2", "a", "b", "x"])),

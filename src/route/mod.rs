@@ -136,37 +136,38 @@ pub fn plan_forward<'t>(
     }
     let lowered = Lowered::new(&req.args[0]);
     let info = table.lookup_found(&lowered, &req.args)?;
-    if info.policy != Policy::Forward || !info.arity_ok(req.args.len()) {
+    if !info.arity_ok(req.args.len()) {
         return None;
     }
-    let name = info.name.as_str();
-    // Commands `dispatch_plain` handles before routing by policy, and those with their
-    // own bookkeeping on the way.
-    if matches!(
-        name,
-        "eval" | "eval_ro" | "evalsha" | "evalsha_ro" | "publish"
-    ) || txn::wants(sess, name.as_bytes())
-        || local::local_arity(name).is_some()
-    {
-        return None;
-    }
-    let spill = px.spill.is_some();
-    if spill
-        && (spill::has_value_positions(name, req.args.len())
-            || matches!(
-                name,
-                "strlen" | "getrange" | "substr" | "append" | "setrange" | "lcs"
-            ))
-    {
-        return None;
-    }
+    let values = (*info.lane.get_or_init(|| lane_of(px, info)))?;
     // CROSSSLOT is the ordinary path's to report.
     let target = target_of(px, info, &req.args).ok()?;
     Some(Plan {
         info,
         target,
-        values: spill && spill::returns_values(name),
+        values,
     })
+}
+
+/// Whether `dispatch` would only forward `info` as it is (given an arity that fits):
+/// `Some(whether its reply may carry spill stubs)`, or `None` for the commands it
+/// handles before routing by policy (transactions, the proxy's own commands, the spill
+/// store's), or with their own bookkeeping (scripts, PUBLISH). Fixed per command and
+/// process, so decided once.
+fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<bool> {
+    let name = info.name.as_str();
+    let spill = px.spill.is_some();
+    // Arity fixes what the spill store's checks look at (SET's value is there, SETEX
+    // has four arguments, MSET at least one pair): the smallest fitting count stands
+    // for all.
+    let argc = info.arity.unsigned_abs() as usize;
+    let own = matches!(
+        name,
+        "eval" | "eval_ro" | "evalsha" | "evalsha_ro" | "publish"
+    ) || matches!(name, "multi" | "exec" | "discard" | "watch" | "unwatch")
+        || local::local_arity(name).is_some()
+        || (spill && spill::intercepts(name, argc));
+    (info.policy == Policy::Forward && !own).then_some(spill && spill::returns_values(name))
 }
 
 impl Pending {

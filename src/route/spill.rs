@@ -15,6 +15,15 @@ use crate::spill::Spill;
 use crate::upstream::{key_slot, Target};
 use crate::Proxy;
 
+/// Whether the request path handles this command itself when the spill store is on
+/// (string reads and writes that may meet a spilled value, LCS, writes of values).
+pub fn intercepts(name: &str, argc: usize) -> bool {
+    matches!(
+        name,
+        "strlen" | "getrange" | "substr" | "append" | "setrange" | "lcs"
+    ) || has_value_positions(name, argc)
+}
+
 /// Whether [`value_positions`] is non-empty, without allocating.
 pub fn has_value_positions(name: &str, argc: usize) -> bool {
     match name {
