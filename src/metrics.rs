@@ -213,6 +213,16 @@ impl CmdStat {
         self.sum_us[l].fetch_add(us, Ordering::Relaxed);
     }
 
+    /// `n` calls that succeeded, each taking `us`.
+    pub fn record_n(&self, level: Level, us: u64, n: u64) {
+        self.calls.fetch_add(n, Ordering::Relaxed);
+        self.usec.fetch_add(us * n, Ordering::Relaxed);
+        let l = level as usize;
+        let b = DURATION_BUCKETS_US.partition_point(|&ub| ub < us);
+        self.buckets[l][b].fetch_add(n, Ordering::Relaxed);
+        self.sum_us[l].fetch_add(us * n, Ordering::Relaxed);
+    }
+
     fn reset(&self) {
         for c in [&self.calls, &self.usec, &self.rejected, &self.failed] {
             c.store(0, Ordering::Relaxed);

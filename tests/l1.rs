@@ -768,3 +768,75 @@ fn a_pipelined_read_after_a_write_sees_it_despite_concurrent_readers() {
         r.join().unwrap();
     }
 }
+
+/// The fast lane answers L1 hits in a pipeline itself: written straight out while
+/// nothing is pending before them, queued behind forwarded replies otherwise, and a miss
+/// or a write ends the lane's run. Every reply must keep its place, and every hit must
+/// still be counted (INFO l1, commandstats, the slow log) and never reach the upstream.
+#[test]
+fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
+    let redis = support::RedisServer::start();
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\n[slowlog]\nlog_slower_than_us = 0\nmax_len = 1000\n");
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let upstream_calls = |cmd: &str| {
+        let info = s(Resp::connect(&redis.addr()).cmd(&["INFO", "commandstats"]));
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let mut c = Resp::connect(&px.addr());
+    for (k, v) in [("h1", "one"), ("h2", "two"), ("p", "plain")] {
+        assert_eq!(s(c.cmd(&["SET", k, v])), "+OK\r\n");
+    }
+    assert_eq!(s(c.cmd(&["HSET", "hh", "f", "field"])), ":1\r\n");
+    for read in [&["GET", "h1"][..], &["GET", "h2"], &["HGET", "hh", "f"]] {
+        c.cmd(read);
+        assert!(cached(&mut c, read[1]), "{read:?} should be cached");
+    }
+    let hits = stat(&mut c, "l1_hits");
+    let gets = upstream_calls("get");
+    let proxy_gets = |c: &mut Resp| {
+        s(c.cmd(&["INFO", "commandstats"]))
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    };
+    let proxy_gets_before = proxy_gets(&mut c);
+    c.cmd(&["SLOWLOG", "RESET"]);
+    let pipeline: &[(&[&str], &str)] = &[
+        (&["GET", "h1"], "$3\r\none\r\n"),         // hit, written at once
+        (&["HGET", "hh", "f"], "$5\r\nfield\r\n"), // hit, written at once
+        (&["STRLEN", "p"], ":5\r\n"),              // cacheable, not cached: a miss
+        (&["GET", "h2"], "$3\r\ntwo\r\n"),         // hit, queued behind the miss
+        (&["TTL", "p"], ":-1\r\n"),                // forwarded in the lane
+        (&["GET", "h1"], "$3\r\none\r\n"),         // hit, queued behind it
+        (&["INCR", "n"], ":1\r\n"),                // a write: the ordinary path
+        (&["GET", "h2"], "$3\r\ntwo\r\n"),         // hit, queued behind the write
+        (&["SET", "h1", "uno"], "+OK\r\n"),        // invalidates h1
+        (&["GET", "h1"], "$3\r\nuno\r\n"),         // must not be the old hit
+        (&["GET", "h2"], "$3\r\ntwo\r\n"),         // hit
+    ];
+    let cmds: Vec<&[&str]> = pipeline.iter().map(|(cmd, _)| *cmd).collect();
+    c.send_raw(&support::encode_pipeline(&cmds));
+    for (cmd, want) in pipeline {
+        assert_eq!(s(c.read_reply()), *want, "{cmd:?}");
+    }
+    assert_eq!(stat(&mut c, "l1_hits") - hits, 6, "hits counted");
+    assert_eq!(
+        upstream_calls("get") - gets,
+        1,
+        "only the GET after the SET reached the upstream"
+    );
+    assert_eq!(proxy_gets(&mut c) - proxy_gets_before, 6, "commandstats");
+    // Every command of the pipeline is in the slow log (threshold 0), hits included.
+    let log = s(c.cmd(&["SLOWLOG", "GET", "100"]));
+    assert_eq!(log.matches("$3\r\nGET\r\n").count(), 6, "{log}");
+}

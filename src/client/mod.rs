@@ -420,11 +420,15 @@ where
     Ok(true)
 }
 
-/// Sends the run of fast-lane commands ([`route::plan_forward`]) at the front of `reqs`
-/// as one group per node: one queue entry and one reply hand-over per node instead of
-/// per command. Each command still gets its own place in `io.pending`, so replies,
-/// counters and the slow log are per command as on the ordinary path; commands for one
-/// node keep their order on its connection, as they do on the ordinary path.
+/// Takes the run of fast-lane commands ([`route::plan_forward`]) at the front of `reqs`:
+/// - forwarded ones go as one group per node: one queue entry and one reply hand-over
+///   per node instead of per command. Each still gets its own place in `io.pending`, so
+///   replies, counters and the slow log are per command as on the ordinary path;
+///   commands for one node keep their order on its connection, as they do there.
+/// - reads that L1 answers are answered here: written straight to the output while
+///   nothing before them is pending (nothing to queue, no reference to the cached reply
+///   taken), queued behind the pending ones otherwise. An L1 miss ends the run: the
+///   ordinary path admits and fills.
 async fn forward_group<R, W, I>(
     px: &Arc<Proxy>,
     sess: &mut Session,
@@ -461,9 +465,52 @@ async fn forward_group<R, W, I>(
         data: BytesMut,
         count: u32,
     }
+    /// A command of the run still to be queued.
+    enum Planned {
+        /// For the node group of this index.
+        Node(usize),
+        /// L1's reply, behind pending ones.
+        Hit(bytes::Bytes),
+    }
     let mut nodes: Vec<ForNode> = Vec::new();
     let mut planned = Vec::new();
+    let slowlog = px.slowlog.enabled();
+    let out_limit = px.cfg.client.output_buffer_limit as usize;
+    // Replies written straight to the output: counted per command once the run is done.
+    let mut written = WrittenHits::default();
+    let mut last_info = None;
     while let Some(plan) = next.take() {
+        if plan.cached {
+            let (Some(l1), Some(req)) = (&px.l1, reqs.peek()) else {
+                break;
+            };
+            let direct = io.pending.is_empty() && planned.is_empty() && io.out.len() < out_limit;
+            let out = &mut io.out;
+            let served = if direct {
+                route::cache::lane_hit(px, sess, l1, plan.info, &req.args, started, |r| {
+                    out.extend_from_slice(r)
+                })
+                .map(|()| None)
+            } else {
+                route::cache::lane_hit(px, sess, l1, plan.info, &req.args, started, Clone::clone)
+                    .map(Some)
+            };
+            let Some(served) = served else { break };
+            let Some(req) = reqs.next() else { break };
+            match served {
+                None => written.add(plan.info.stat, slowlog.then_some(req.raw)),
+                Some(reply) => planned.push((
+                    plan.info,
+                    req,
+                    Planned::Hit(reply),
+                    plan.target,
+                    plan.values,
+                )),
+            }
+            last_info = Some(plan.info);
+            next = plan_next(reqs, sess);
+            continue;
+        }
         let Some(at) = node_of(&plan.target) else {
             break;
         };
@@ -486,17 +533,37 @@ async fn forward_group<R, W, I>(
         };
         nodes[g].data.extend_from_slice(&req.raw);
         nodes[g].count += 1;
-        planned.push((plan, req, g));
+        last_info = Some(plan.info);
+        planned.push((plan.info, req, Planned::Node(g), plan.target, plan.values));
         next = plan_next(reqs, sess);
     }
+    let Some(last) = last_info else {
+        return;
+    };
+    let hits = written.count
+        + planned
+            .iter()
+            .filter(|p| matches!(p.2, Planned::Hit(_)))
+            .count() as u64;
+    if hits > 0 {
+        if let Some(l1) = &px.l1 {
+            l1.stats.hits.fetch_add(hits, Ordering::Relaxed);
+        }
+    }
+    px.stats
+        .commands
+        .fetch_add(written.count + planned.len() as u64, Ordering::Relaxed);
+    // CLIENT LIST's cmd= field: the run's last command.
+    if !sess.last_cmd.as_ref().is_some_and(|c| Arc::ptr_eq(c, last)) {
+        sess.update_meta(|m| m.last_cmd = last.name.clone());
+        sess.last_cmd = Some(last.clone());
+    }
+    written.account(px, sess, started);
     if planned.is_empty() {
         return;
     }
     let proto = sess.proto;
     let hint = sess.hint();
-    px.stats
-        .commands
-        .fetch_add(planned.len() as u64, Ordering::Relaxed);
     // Without a connection ready (not yet connected, a failover) a node's commands start
     // one by one, as the ordinary path would start them.
     // Per node: `Some(Some(ticket))` until its first member takes it, `Some(None)` after;
@@ -509,51 +576,89 @@ async fn forward_group<R, W, I>(
                 .map(Some)
         })
         .collect();
-    let slowlog = px.slowlog.enabled();
-    // CLIENT LIST's cmd= field: the run's last command.
-    if let Some((last, _, _)) = planned.last() {
-        if !sess
-            .last_cmd
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, last.info))
-        {
-            sess.update_meta(|m| m.last_cmd = last.info.name.clone());
-            sess.last_cmd = Some(last.info.clone());
-        }
-    }
     crate::metrics::INFLIGHT_NOW.fetch_add(planned.len() as i64, Ordering::Relaxed);
-    for (plan, req, g) in planned {
-        let member = route::Member {
-            target: plan.target,
-            data: req.raw.clone(),
-            values: plan.values,
-            group: g,
-        };
-        let p = match tickets[g].as_mut().map(Option::take) {
-            Some(Some(t)) => Pending::Group(t, member),
-            Some(None) => Pending::Member(member),
-            None => {
-                let t = px
-                    .upstream
-                    .start(member.target, member.data, proto, hint)
-                    .await;
-                if member.values {
-                    Pending::Values(t)
-                } else {
-                    Pending::Forwarded(t)
-                }
+    for (info, req, planned, target, values) in planned {
+        let raw = slowlog.then(|| req.raw.clone());
+        let (p, level) = match planned {
+            Planned::Hit(reply) => (Pending::Ready(Value::Raw(reply)), Level::L1),
+            Planned::Node(g) => {
+                let member = route::Member {
+                    target,
+                    data: req.raw,
+                    values,
+                    group: g,
+                };
+                let p = match tickets[g].as_mut().map(Option::take) {
+                    Some(Some(t)) => Pending::Group(t, member),
+                    Some(None) => Pending::Member(member),
+                    None => {
+                        let t = px
+                            .upstream
+                            .start(member.target, member.data, proto, hint)
+                            .await;
+                        if member.values {
+                            Pending::Values(t)
+                        } else {
+                            Pending::Forwarded(t)
+                        }
+                    }
+                };
+                (p, Level::L2)
             }
         };
         io.pending.push(Queued {
             p,
             proto,
             silent: false,
-            stat: Some(plan.info.stat),
-            level: Level::L2,
+            stat: Some(info.stat),
+            level,
             rejected: false,
             started,
-            raw: slowlog.then_some(req.raw),
+            raw,
         });
+    }
+}
+
+/// L1's replies that the fast lane wrote straight to the output, for their counters and
+/// the slow log: they all took the run's time.
+#[derive(Default)]
+struct WrittenHits {
+    count: u64,
+    /// Per command: its counters and how many.
+    stats: Vec<(&'static CmdStat, u64)>,
+    /// The requests, only while the slow log is on.
+    raws: Vec<bytes::Bytes>,
+}
+
+impl WrittenHits {
+    fn add(&mut self, stat: &'static CmdStat, raw: Option<bytes::Bytes>) {
+        self.count += 1;
+        match self.stats.iter_mut().find(|(s, _)| std::ptr::eq(*s, stat)) {
+            Some((_, n)) => *n += 1,
+            None => self.stats.push((stat, 1)),
+        }
+        self.raws.extend(raw);
+    }
+
+    fn account(self, px: &Proxy, sess: &Session, started: Instant) {
+        if self.count == 0 {
+            return;
+        }
+        let micros = started.elapsed().as_micros() as u64;
+        for (stat, n) in self.stats {
+            stat.record_n(Level::L1, micros, n);
+        }
+        if px.slowlog.is_slow(micros) {
+            for raw in self.raws {
+                let args = crate::parse::request::args_of(&raw);
+                px.slowlog.record(
+                    micros,
+                    &args,
+                    sess.entry.addr.to_string(),
+                    sess.name.clone().unwrap_or_default(),
+                );
+            }
+        }
     }
 }
 

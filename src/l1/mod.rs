@@ -37,6 +37,17 @@ use crate::config::L1Config;
 const GEN_BUCKETS: usize = 1 << 16;
 /// Bookkeeping bytes charged per entry on top of its data.
 const ENTRY_OVERHEAD: usize = 96;
+/// Slots of the hot front at most (see [`Front`]).
+const FRONT_SLOTS: usize = 4096;
+/// Entries weighing more than this stay out of the front: what it may keep alive after
+/// moka dropped it is bounded by slots × this.
+const FRONT_MAX_ENTRY: usize = 16 * 1024;
+/// One front hit in this many also reads the entry in moka, so that its admission and
+/// eviction policy still sees which keys are hot.
+const FRONT_TOUCH_EVERY: u32 = 32;
+/// A slot's live occupant gives way to another key on one install in this many: the
+/// hotter key of two sharing a slot ends up holding it.
+const FRONT_DISPLACE_EVERY: u32 = 8;
 
 /// How L1 learns of writes made elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,9 +116,85 @@ impl KeyEntry {
 
 type KeyCache = Cache<Bytes, KeyEntry, ahash::RandomState>;
 
+/// The hot front of L1: a small direct-mapped table (by key hash) of entries read
+/// lately, consulted before moka. A hit here costs no shared write: no read-log entry,
+/// no clock read (the caller's time is used), no reference count. It holds only what
+/// moka held when it was read:
+/// - an entry is served only while its key's generation bucket is the one it was read
+///   under (every invalidation bumps it, before and again after moka's removal, so an
+///   entry read from moka just before a removal is never served after it), its flush
+///   epoch is current and no write through this proxy is in flight;
+/// - entries leave with their key's invalidation, moka's eviction, and every flush, and
+///   only entries up to [`FRONT_MAX_ENTRY`] enter.
+struct Front {
+    slots: Box<[arc_swap::ArcSwapOption<FrontEntry>]>,
+}
+
+struct FrontEntry {
+    key: Bytes,
+    /// The key's generation bucket when the entry was read from moka.
+    gen: u64,
+    entry: KeyEntry,
+}
+
+impl Front {
+    fn new(max_entries: u64) -> Front {
+        let n = (max_entries.max(1) as usize)
+            .next_power_of_two()
+            .min(FRONT_SLOTS);
+        Front {
+            slots: (0..n).map(|_| arc_swap::ArcSwapOption::empty()).collect(),
+        }
+    }
+
+    fn slot(&self, hash: u64) -> &arc_swap::ArcSwapOption<FrontEntry> {
+        &self.slots[hash as usize & (self.slots.len() - 1)]
+    }
+
+    /// Drops `key`'s entry, if its slot holds it.
+    fn remove(&self, hash: u64, key: &[u8]) {
+        let slot = self.slot(hash);
+        let cur = slot.load();
+        if cur.as_ref().is_some_and(|f| f.key == key) {
+            slot.compare_and_swap(&*cur, None);
+        }
+    }
+
+    fn clear(&self) {
+        for s in self.slots.iter() {
+            s.store(None);
+        }
+    }
+}
+
+/// The hash that places a key in its generation bucket and its front slot.
+fn hash_of(hasher: &ahash::RandomState, key: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write(key);
+    h.finish()
+}
+
+/// A cheap per-thread counter: true once in `every` calls.
+fn one_in(every: u32) -> bool {
+    thread_local! {
+        static TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    }
+    TICK.with(|t| {
+        let n = t.get().wrapping_add(1);
+        t.set(n);
+        n % every == 0
+    })
+}
+
 /// A cache bounded by bytes and entries at once: every entry weighs at least
 /// `max_bytes / max_entries`.
-fn build_cache(max_bytes: u64, max_entries: u64, evictions: Arc<AtomicU64>) -> KeyCache {
+fn build_cache(
+    max_bytes: u64,
+    max_entries: u64,
+    evictions: Arc<AtomicU64>,
+    front: Arc<Front>,
+    hasher: ahash::RandomState,
+) -> KeyCache {
     let min_weight = (max_bytes / max_entries.max(1)).max(1);
     Cache::builder()
         .max_capacity(max_bytes)
@@ -115,9 +202,14 @@ fn build_cache(max_bytes: u64, max_entries: u64, evictions: Arc<AtomicU64>) -> K
             (v.bytes(k) as u64).max(min_weight).min(u32::MAX as u64) as u32
         })
         .expire_after(ExpireAt)
-        .eviction_listener(move |_k, _v, cause| {
+        .eviction_listener(move |k, _v, cause| {
             if cause == RemovalCause::Size {
                 evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            // Replaced: the front's copy is still right (a fill adds replies); the next
+            // read from moka takes the new one.
+            if cause != RemovalCause::Replaced {
+                front.remove(hash_of(&hasher, &k), &k);
             }
         })
         // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
@@ -186,6 +278,7 @@ pub struct L1 {
     max_entries: AtomicU64,
     /// Swapped for a new one when a reload changes the size limits.
     cache: RwLock<KeyCache>,
+    front: Arc<Front>,
     /// Admission counters: (window number << 16 | reads in that window), by key hash.
     /// A collision can only admit a key early; memory is fixed.
     reads: Box<[AtomicU32]>,
@@ -268,7 +361,15 @@ impl Drop for LeadGuard {
 impl L1 {
     pub fn new(cfg: &L1Config) -> L1 {
         let evictions = Arc::new(AtomicU64::new(0));
-        let cache = build_cache(cfg.max_bytes, cfg.max_entries, evictions.clone());
+        let hasher = ahash::RandomState::new();
+        let front = Arc::new(Front::new(cfg.max_entries));
+        let cache = build_cache(
+            cfg.max_bytes,
+            cfg.max_entries,
+            evictions.clone(),
+            front.clone(),
+            hasher.clone(),
+        );
         let read_slots = (cfg.max_entries.saturating_mul(4))
             .clamp(1 << 12, 1 << 22)
             .next_power_of_two() as usize;
@@ -287,13 +388,14 @@ impl L1 {
             admit_after: AtomicU32::new(cfg.admit_after_reads.max(1)),
             max_entries: AtomicU64::new(cfg.max_entries),
             cache: RwLock::new(cache),
+            front,
             reads,
             admit_window_ms: AtomicU64::new(cfg.admit_window_ms.max(1)),
             started: Instant::now(),
             gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             writing: (0..GEN_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU64::new(0),
-            hasher: ahash::RandomState::new(),
+            hasher,
             stats: L1Stats {
                 evictions,
                 ..Default::default()
@@ -360,9 +462,16 @@ impl L1 {
         let resized = self.max_bytes.load(Ordering::Relaxed) != cfg.max_bytes
             || self.max_entries.load(Ordering::Relaxed) != cfg.max_entries;
         if resized {
-            let fresh = build_cache(cfg.max_bytes, cfg.max_entries, self.stats.evictions.clone());
+            let fresh = build_cache(
+                cfg.max_bytes,
+                cfg.max_entries,
+                self.stats.evictions.clone(),
+                self.front.clone(),
+                self.hasher.clone(),
+            );
             // Fills in flight were admitted under the old cache: refuse them.
             self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.front.clear();
             let old = std::mem::replace(
                 &mut *self.cache.write().unwrap_or_else(|p| p.into_inner()),
                 fresh,
@@ -437,33 +546,12 @@ impl L1 {
     }
 
     fn bucket(&self, key: &[u8]) -> usize {
-        let mut h = self.hasher.build_hasher();
-        h.write(key);
-        (h.finish() as usize) & (GEN_BUCKETS - 1)
+        hash_of(&self.hasher, key) as usize & (GEN_BUCKETS - 1)
     }
 
-    /// The cached reply to exactly this request, if any.
+    /// The cached reply to exactly this request, if any; counted as a hit or a miss.
     pub fn get(&self, key: &[u8], matches: impl Fn(&[u8]) -> bool) -> Option<Hit> {
-        if self.is_disabled() || self.being_written(key) {
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let now = Instant::now();
-        let found = self.cache().get(key).and_then(|e| {
-            // Entries of an earlier epoch are kept only to be served stale.
-            if e.epoch != epoch {
-                return None;
-            }
-            let c = e
-                .replies
-                .iter()
-                .find(|c| c.expires_at > now && matches(&c.sig))?;
-            Some(Hit {
-                reply: c.reply.clone(),
-                refresh: self.refresh_due(c, now),
-            })
-        });
+        let found = self.lookup(key, Instant::now(), matches);
         let counter = if found.is_some() {
             &self.stats.hits
         } else {
@@ -471,6 +559,102 @@ impl L1 {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         found
+    }
+
+    /// As [`L1::get`] at time `now`, counting nothing: the caller counts.
+    pub fn lookup(&self, key: &[u8], now: Instant, matches: impl Fn(&[u8]) -> bool) -> Option<Hit> {
+        self.lookup_with(key, now, matches, Bytes::clone)
+            .map(|(reply, refresh)| Hit { reply, refresh })
+    }
+
+    /// As [`L1::lookup`], handing the reply to `take` where it lies (a caller that
+    /// copies it out needs no reference of its own): what `take` returned, and whether
+    /// the caller should refresh it (see [`Hit`]). From the front if it holds the reply,
+    /// else from moka (and the entry then enters the front).
+    pub fn lookup_with<R>(
+        &self,
+        key: &[u8],
+        now: Instant,
+        matches: impl Fn(&[u8]) -> bool,
+        take: impl FnOnce(&Bytes) -> R,
+    ) -> Option<(R, bool)> {
+        if self.is_disabled() {
+            return None;
+        }
+        let hash = hash_of(&self.hasher, key);
+        let bucket = hash as usize & (GEN_BUCKETS - 1);
+        if self.writing[bucket].load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        // Read before moka: see `Front`.
+        let gen = self.gens[bucket].load(Ordering::SeqCst);
+        let slot = self.front.slot(hash);
+        {
+            let front = slot.load();
+            if let Some(f) = front
+                .as_ref()
+                .filter(|f| f.key == key && f.gen == gen && f.entry.epoch == epoch)
+            {
+                if let Some(c) = f
+                    .entry
+                    .replies
+                    .iter()
+                    .find(|c| c.expires_at > now && matches(&c.sig))
+                {
+                    if one_in(FRONT_TOUCH_EVERY) {
+                        drop(self.cache().get(key));
+                    }
+                    return Some((take(&c.reply), self.refresh_due(c, now)));
+                }
+            }
+        }
+        let e = self.cache().get(key)?;
+        // Entries of an earlier epoch are kept only to be served stale.
+        if e.epoch != epoch {
+            return None;
+        }
+        let c = e
+            .replies
+            .iter()
+            .find(|c| c.expires_at > now && matches(&c.sig))?;
+        let hit = (take(&c.reply), self.refresh_due(c, now));
+        self.enter_front(slot, gen, key, &e, now);
+        Some(hit)
+    }
+
+    /// Puts an entry just read from moka (under generation `gen`) in its front slot,
+    /// unless it is large, or the slot holds another key that is still servable and
+    /// this install is not its turn to displace it.
+    fn enter_front(
+        &self,
+        slot: &arc_swap::ArcSwapOption<FrontEntry>,
+        gen: u64,
+        key: &[u8],
+        e: &KeyEntry,
+        now: Instant,
+    ) {
+        if e.replies
+            .iter()
+            .map(|c| c.sig.len() + c.reply.len())
+            .sum::<usize>()
+            > FRONT_MAX_ENTRY
+        {
+            return;
+        }
+        let keep = slot.load().as_ref().is_some_and(|f| {
+            f.key != key
+                && f.entry.epoch == e.epoch
+                && f.entry.expires_at > now
+                && !one_in(FRONT_DISPLACE_EVERY)
+        });
+        if !keep {
+            slot.store(Some(Arc::new(FrontEntry {
+                key: Bytes::copy_from_slice(key),
+                gen,
+                entry: e.clone(),
+            })));
+        }
     }
 
     /// Counts a read of `key`; true once it is hot enough to be cached.
@@ -578,6 +762,8 @@ impl L1 {
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        // The next read takes the entry with this reply into the front.
+        self.front.remove(hash_of(&self.hasher, &key), &key);
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -601,9 +787,14 @@ impl L1 {
 
     /// Drops every cached reply about `key`, and stops in-flight reads from caching it.
     pub fn invalidate(&self, key: &[u8]) {
-        let b = self.bucket(key);
+        let hash = hash_of(&self.hasher, key);
+        let b = hash as usize & (GEN_BUCKETS - 1);
         self.gens[b].fetch_add(1, Ordering::SeqCst);
         self.cache().invalidate(key);
+        // Again after the removal: a lookup that read moka before it read the
+        // generation before this, so what it put in the front is never served.
+        self.gens[b].fetch_add(1, Ordering::SeqCst);
+        self.front.remove(hash, key);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -611,6 +802,7 @@ impl L1 {
     pub fn flush(&self, why: &str) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache().invalidate_all();
+        self.front.clear();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(reason = why, "L1 flushed");
     }
@@ -624,6 +816,7 @@ impl L1 {
             return self.flush(why);
         }
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.front.clear();
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             reason = why,

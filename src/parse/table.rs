@@ -91,10 +91,19 @@ pub struct CommandInfo {
     pub policy: Policy,
     /// INFO commandstats and the duration histogram, shared by every table built.
     pub stat: &'static crate::metrics::CmdStat,
-    /// Whether the request path may forward this command as it is, and whether its
-    /// reply may then carry spill stubs: decided once per command by the router
-    /// (`route::plan_forward`), which knows the proxy's own handling.
-    pub lane: std::sync::OnceLock<Option<bool>>,
+    /// Whether the request path's fast lane may take this command, and how: decided
+    /// once per command by the router (`route::plan_forward`), which knows the proxy's
+    /// own handling.
+    pub lane: std::sync::OnceLock<Option<Lane>>,
+}
+
+/// How the fast lane takes a command it may take (see [`CommandInfo::lane`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    /// Forwarded, its reply may carry spill stubs (the spill store is on).
+    pub values: bool,
+    /// A read L1 caches: answered from L1 when it hits there (L1 is on).
+    pub cached: bool,
 }
 
 impl CommandInfo {

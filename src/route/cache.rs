@@ -120,6 +120,41 @@ fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
     sig.freeze()
 }
 
+/// The fast lane's L1 lookup (see `route::plan_forward`): whether L1 holds the reply
+/// to this read of one key; if so `take` was given it. Counts nothing: the lane counts
+/// its hits, and a miss takes the ordinary path, which counts it there.
+pub fn lane_hit<R>(
+    px: &Arc<Proxy>,
+    sess: &Session,
+    l1: &Arc<L1>,
+    info: &crate::parse::table::CommandInfo,
+    args: &[Bytes],
+    now: std::time::Instant,
+    take: impl FnOnce(&Bytes) -> R,
+) -> Option<R> {
+    let (mut key, mut keys) = (0, 0);
+    info.for_each_key(args, |i| {
+        key = i;
+        keys += 1;
+    });
+    if keys != 1 {
+        return None;
+    }
+    let proto = sess.proto;
+    let (r, refresh) =
+        l1.lookup_with(&args[key], now, |s| signature_matches(s, proto, args), take)?;
+    if refresh {
+        refresh_ahead(
+            px,
+            l1,
+            args[key].clone(),
+            signature(proto, args),
+            sess.hint(),
+        );
+    }
+    Some(r)
+}
+
 /// MGET of several keys: each key is a cached GET (an MGET element is byte for byte the
 /// GET reply), merged in key order. A key of another type is nil, as in MGET.
 pub async fn mget(px: &Arc<Proxy>, sess: &mut Session, l1: &Arc<L1>, keys: Vec<Bytes>) -> Pending {

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crate::client::session::Session;
 use crate::error::Error;
 use crate::parse::request::Request;
-use crate::parse::table::{arity_fits, Lookup, Lowered, Policy};
+use crate::parse::table::{arity_fits, Lane, Lookup, Lowered, Policy};
 use crate::respond::Value;
 use crate::upstream::{key_slot, GroupTicket, Mode, Target, Ticket};
 use crate::Proxy;
@@ -111,12 +111,16 @@ pub struct Plan<'t> {
     pub info: &'t Arc<crate::parse::table::CommandInfo>,
     pub target: Target,
     pub values: bool,
+    /// A read to answer from L1 if it holds the reply ([`cache::lane_hit`]); a miss
+    /// takes the ordinary path.
+    pub cached: bool,
 }
 
 /// The fast lane for the commonest requests: a command that [`dispatch`] would only
-/// forward as it is (no L1, no spill write, no namespace, no transaction, no
-/// subscription, no script bookkeeping) is planned here instead, so the client loop can
-/// send a run of them to one node as one group, with one reply hand-over for all.
+/// forward as it is (no spill write, no namespace, no transaction, no subscription, no
+/// script bookkeeping, no L1 invalidation), or a read that L1 answers, is planned here
+/// instead, so the client loop can send a run of them to one node as one group, with
+/// one reply hand-over for all, and write L1's answers without a future per command.
 /// `None`: the command takes the ordinary path.
 pub fn plan_forward<'t>(
     px: &Proxy,
@@ -130,7 +134,6 @@ pub fn plan_forward<'t>(
         || sess.reply_mode != crate::client::session::ReplyMode::On
         || sess.txn.in_multi()
         || sess.subscribed()
-        || px.l1.is_some()
     {
         return None;
     }
@@ -139,22 +142,32 @@ pub fn plan_forward<'t>(
     if !info.arity_ok(req.args.len()) {
         return None;
     }
-    let values = (*info.lane.get_or_init(|| lane_of(px, info)))?;
+    let lane = (*info.lane.get_or_init(|| lane_of(px, info)))?;
+    // Between WATCH and EXEC reads go to Redis (see `with_l1`): forwarded as they are.
+    if lane.cached && !sess.txn.is_watching() {
+        return Some(Plan {
+            info,
+            target: Target::Any,
+            values: false,
+            cached: true,
+        });
+    }
     // CROSSSLOT is the ordinary path's to report.
     let target = target_of(px, info, &req.args).ok()?;
     Some(Plan {
         info,
         target,
-        values,
+        values: lane.values,
+        cached: false,
     })
 }
 
-/// Whether `dispatch` would only forward `info` as it is (given an arity that fits):
-/// `Some(whether its reply may carry spill stubs)`, or `None` for the commands it
-/// handles before routing by policy (transactions, the proxy's own commands, the spill
-/// store's), or with their own bookkeeping (scripts, PUBLISH). Fixed per command and
-/// process, so decided once.
-fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<bool> {
+/// Whether `dispatch` would only forward `info` as it is (given an arity that fits), or
+/// with L1 on, answer it from L1 on a hit: how the lane takes it, or `None` for the
+/// commands it handles before routing by policy (transactions, the proxy's own
+/// commands, the spill store's), with their own bookkeeping (scripts, PUBLISH), or that
+/// invalidate L1 (writes). Fixed per command and process, so decided once.
+fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<Lane> {
     let name = info.name.as_str();
     let spill = px.spill.is_some();
     // Arity fixes what the spill store's checks look at (SET's value is there, SETEX
@@ -166,8 +179,14 @@ fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<bool> 
         "eval" | "eval_ro" | "evalsha" | "evalsha_ro" | "publish"
     ) || matches!(name, "multi" | "exec" | "discard" | "watch" | "unwatch")
         || local::local_arity(name).is_some()
-        || (spill && spill::intercepts(name, argc));
-    (info.policy == Policy::Forward && !own).then_some(spill && spill::returns_values(name))
+        || (spill && spill::intercepts(name, argc))
+        || (px.l1.is_some() && info.may_write());
+    // With L1 on, a cacheable read (MGET's policy is its own, so it is not here).
+    let cached = px.l1.is_some() && cache::cacheable(name);
+    (info.policy == Policy::Forward && !own).then_some(Lane {
+        values: spill && spill::returns_values(name),
+        cached,
+    })
 }
 
 impl Pending {
