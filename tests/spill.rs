@@ -534,6 +534,38 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
     );
 }
 
+/// A read between WATCH and EXEC bypasses L1 and goes to Redis; its stub must still be
+/// resolved. Namespaced users take the ordinary request path (not the fast lane), where
+/// this once returned the stub itself.
+#[test]
+fn with_l1_a_watching_read_of_a_spilled_value_is_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    write!(
+        cfg,
+        "namespace = \"ns:\"\n[l1]\nenabled = true\nadmit_after_reads = 1\n[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
+        dir.path().display()
+    )
+    .unwrap();
+    let px = Proxy::start(
+        &shared_cluster().seeds(),
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}watched", tag("l1l3w"));
+    let v = random(THRESHOLD * 4, 13);
+    assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&v));
+    assert_eq!(c.cmd(&["WATCH", &k]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", &k]), bulk(&v), "read while watching");
+    assert_eq!(
+        c.cmd(&["STRLEN", &k]),
+        format!(":{}\r\n", v.len()).into_bytes()
+    );
+    assert_eq!(c.cmd(&["UNWATCH"]), b"+OK\r\n");
+}
+
 #[test]
 fn the_sweeper_deletes_only_unreferenced_objects() {
     let dir = tempfile::tempdir().unwrap();

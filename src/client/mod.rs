@@ -478,6 +478,9 @@ async fn forward_group<R, W, I>(
     let out_limit = px.cfg.client.output_buffer_limit as usize;
     // Replies written straight to the output: counted per command once the run is done.
     let mut written = WrittenHits::default();
+    // L1's expiry checks: commands before this run may have waited (a spill store
+    // write, a connect), so the batch's start is not now. The loop does not wait.
+    let now = Instant::now();
     let mut last_info = None;
     while let Some(plan) = next.take() {
         if plan.cached {
@@ -487,13 +490,12 @@ async fn forward_group<R, W, I>(
             let direct = io.pending.is_empty() && planned.is_empty() && io.out.len() < out_limit;
             let out = &mut io.out;
             let served = if direct {
-                route::cache::lane_hit(px, sess, l1, plan.info, &req.args, started, |r| {
+                route::cache::lane_hit(px, sess, l1, plan.info, req, now, |r| {
                     out.extend_from_slice(r)
                 })
                 .map(|()| None)
             } else {
-                route::cache::lane_hit(px, sess, l1, plan.info, &req.args, started, Clone::clone)
-                    .map(Some)
+                route::cache::lane_hit(px, sess, l1, plan.info, req, now, Clone::clone).map(Some)
             };
             let Some(served) = served else { break };
             let Some(req) = reqs.next() else { break };

@@ -37,10 +37,11 @@ use crate::config::L1Config;
 const GEN_BUCKETS: usize = 1 << 16;
 /// Bookkeeping bytes charged per entry on top of its data.
 const ENTRY_OVERHEAD: usize = 96;
-/// Slots of the hot front at most (see [`Front`]).
+/// Slots of the hot front (see [`Front`]); a power of two, at most `GEN_BUCKETS`.
 const FRONT_SLOTS: usize = 4096;
-/// Entries weighing more than this stay out of the front: what it may keep alive after
-/// moka dropped it is bounded by slots × this.
+/// Entries weighing more than this (key, signatures, replies and their bookkeeping, as
+/// moka weighs them) stay out of the front: what it may keep alive after moka dropped
+/// it (a race with an eviction) is bounded by slots × this, 64 MiB at worst.
 const FRONT_MAX_ENTRY: usize = 16 * 1024;
 /// One front hit in this many also reads the entry in moka, so that its admission and
 /// eviction policy still sees which keys are hot.
@@ -104,6 +105,10 @@ pub struct KeyEntry {
 
 impl KeyEntry {
     fn bytes(&self, key: &Bytes) -> usize {
+        self.bytes_of(key)
+    }
+
+    fn bytes_of(&self, key: &[u8]) -> usize {
         key.len()
             + ENTRY_OVERHEAD
             + self
@@ -138,12 +143,11 @@ struct FrontEntry {
 }
 
 impl Front {
-    fn new(max_entries: u64) -> Front {
-        let n = (max_entries.max(1) as usize)
-            .next_power_of_two()
-            .min(FRONT_SLOTS);
+    fn new() -> Front {
         Front {
-            slots: (0..n).map(|_| arc_swap::ArcSwapOption::empty()).collect(),
+            slots: (0..FRONT_SLOTS)
+                .map(|_| arc_swap::ArcSwapOption::empty())
+                .collect(),
         }
     }
 
@@ -362,7 +366,7 @@ impl L1 {
     pub fn new(cfg: &L1Config) -> L1 {
         let evictions = Arc::new(AtomicU64::new(0));
         let hasher = ahash::RandomState::new();
-        let front = Arc::new(Front::new(cfg.max_entries));
+        let front = Arc::new(Front::new());
         let cache = build_cache(
             cfg.max_bytes,
             cfg.max_entries,
@@ -471,11 +475,14 @@ impl L1 {
             );
             // Fills in flight were admitted under the old cache: refuse them.
             self.epoch.fetch_add(1, Ordering::SeqCst);
-            self.front.clear();
             let old = std::mem::replace(
                 &mut *self.cache.write().unwrap_or_else(|p| p.into_inner()),
                 fresh,
             );
+            // What was read from the old cache meanwhile entered the front under the
+            // old epoch: out with it, and never served (the epoch moves on again).
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.front.clear();
             // Freed after the lock is released: dropping a large cache takes a while.
             drop(old);
             self.max_bytes.store(cfg.max_bytes, Ordering::Relaxed);
@@ -602,8 +609,10 @@ impl L1 {
                     .iter()
                     .find(|c| c.expires_at > now && matches(&c.sig))
                 {
-                    if one_in(FRONT_TOUCH_EVERY) {
-                        drop(self.cache().get(key));
+                    // Gone from moka (an eviction whose notice is on its way): the
+                    // front lets it go too.
+                    if one_in(FRONT_TOUCH_EVERY) && self.cache().get(key).is_none() {
+                        self.front.remove(hash, key);
                     }
                     return Some((take(&c.reply), self.refresh_due(c, now)));
                 }
@@ -634,12 +643,7 @@ impl L1 {
         e: &KeyEntry,
         now: Instant,
     ) {
-        if e.replies
-            .iter()
-            .map(|c| c.sig.len() + c.reply.len())
-            .sum::<usize>()
-            > FRONT_MAX_ENTRY
-        {
+        if e.bytes_of(key) > FRONT_MAX_ENTRY {
             return;
         }
         let keep = slot.load().as_ref().is_some_and(|f| {
@@ -758,7 +762,11 @@ impl L1 {
         );
         if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
             // An invalidation raced the insert: it may have run before the insert landed.
+            // Removed as `invalidate` removes (not through it: the cache lock is held), so
+            // that a lookup which read the insert cannot put it in the front either.
             cache.invalidate(&key);
+            self.gens[token.bucket].fetch_add(1, Ordering::SeqCst);
+            self.front.remove(hash_of(&self.hasher, &key), &key);
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }

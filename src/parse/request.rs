@@ -45,6 +45,7 @@ pub struct Limits {
     pub unauthenticated: bool,
 }
 
+#[derive(Debug)]
 enum Frame {
     /// `nargs` argument ranges from `first` in the batch's range list, and the frame's
     /// own range (one scratch list per batch: no allocation per command).
@@ -74,11 +75,17 @@ pub struct Partial {
     unauthenticated: bool,
 }
 
-/// Per-connection parser state: the partial request, if any.
+/// Per-connection parser state: the partial request, if any, and the scratch lists of
+/// a batch (kept for the next one while small).
 #[derive(Debug, Default)]
 pub struct ParseState {
     partial: Option<Partial>,
+    frames: Vec<Frame>,
+    ranges: Vec<(usize, usize)>,
 }
+
+/// Scratch lists longer than this are not kept between batches.
+const KEEP_SCRATCH: usize = 256;
 
 impl ParseState {
     #[cfg(test)]
@@ -98,8 +105,27 @@ pub fn parse_batch(
     out: &mut Vec<Request>,
     state: &mut ParseState,
 ) -> Result<(), ProtocolError> {
-    let mut frames = Vec::new();
-    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut frames = std::mem::take(&mut state.frames);
+    let mut ranges = std::mem::take(&mut state.ranges);
+    let result = parse_into(buf, limits, max, out, state, &mut frames, &mut ranges);
+    frames.clear();
+    ranges.clear();
+    if frames.capacity() <= KEEP_SCRATCH && ranges.capacity() <= KEEP_SCRATCH {
+        state.frames = frames;
+        state.ranges = ranges;
+    }
+    result
+}
+
+fn parse_into(
+    buf: &mut BytesMut,
+    limits: Limits,
+    max: usize,
+    out: &mut Vec<Request>,
+    state: &mut ParseState,
+    frames: &mut Vec<Frame>,
+    ranges: &mut Vec<(usize, usize)>,
+) -> Result<(), ProtocolError> {
     let mut pos = 0usize;
     let mut result = Ok(());
     if let Some(p) = state
@@ -111,8 +137,8 @@ pub fn parse_batch(
             state.partial = Some(p);
             return Ok(());
         }
-        ranges = p.ranges;
-        match parse_args(buf, limits, 0, &mut ranges, 0, p.count, p.pos) {
+        *ranges = p.ranges;
+        match parse_args(buf, limits, 0, ranges, 0, p.count, p.pos) {
             Ok(Step::Done(frame, used)) => {
                 frames.push(frame);
                 pos = used;
@@ -121,7 +147,7 @@ pub fn parse_batch(
                 state.partial = Some(Partial {
                     count: p.count,
                     pos: at,
-                    ranges,
+                    ranges: std::mem::take(ranges),
                     unauthenticated: p.unauthenticated,
                 });
                 return Ok(());
@@ -131,7 +157,7 @@ pub fn parse_batch(
     }
     while frames.len() < max && pos < buf.len() && !(limits.unauthenticated && pos > 0) {
         let mark = ranges.len();
-        match parse_one(&buf[pos..], limits, pos, &mut ranges) {
+        match parse_one(&buf[pos..], limits, pos, ranges) {
             Ok(Step::Done(frame, used)) => {
                 frames.push(frame);
                 pos += used;
@@ -164,7 +190,7 @@ pub fn parse_batch(
     }
     if pos > 0 {
         let batch = buf.split_to(pos).freeze();
-        for frame in frames {
+        for frame in frames.drain(..) {
             match frame {
                 Frame::Multi {
                     first,

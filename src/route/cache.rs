@@ -62,6 +62,32 @@ pub fn cacheable(name: &str) -> bool {
     )
 }
 
+/// The common case of [`signature_matches`], in three compares: the client sent the
+/// canonical multibulk (`raw`, whose command name is `name_len` bytes long), so the
+/// signature is the protocol byte and `raw` with the name lower-cased. False says
+/// nothing: the request may still match in another spelling.
+fn raw_matches(sig: &[u8], proto: Proto, raw: &[u8], name_len: usize) -> bool {
+    let digits = |n: usize| n.checked_ilog10().unwrap_or(0) as usize + 1;
+    let Some((&v, sig)) = sig.split_first() else {
+        return false;
+    };
+    if v != proto.version() as u8 || sig.len() != raw.len() || raw.first() != Some(&b'*') {
+        return false;
+    }
+    // `*<argc>\r\n$<name_len>\r\n`: the argument count's digits are found, the name's
+    // length is known.
+    let Some(cr) = raw.iter().position(|&b| b == b'\r') else {
+        return false;
+    };
+    let name = cr + 2 + 1 + digits(name_len) + 2;
+    let Some(rest) = name.checked_add(name_len).filter(|&e| e <= raw.len()) else {
+        return false;
+    };
+    sig[..name] == raw[..name]
+        && sig[name..rest].eq_ignore_ascii_case(&raw[name..rest])
+        && sig[rest..] == raw[rest..]
+}
+
 /// Whether a stored signature is that of this request, without building one: the hit
 /// path allocates nothing.
 fn signature_matches(sig: &[u8], proto: Proto, args: &[Bytes]) -> bool {
@@ -128,10 +154,11 @@ pub fn lane_hit<R>(
     sess: &Session,
     l1: &Arc<L1>,
     info: &crate::parse::table::CommandInfo,
-    args: &[Bytes],
+    req: &Request,
     now: std::time::Instant,
     take: impl FnOnce(&Bytes) -> R,
 ) -> Option<R> {
+    let args = &req.args;
     let (mut key, mut keys) = (0, 0);
     info.for_each_key(args, |i| {
         key = i;
@@ -141,8 +168,10 @@ pub fn lane_hit<R>(
         return None;
     }
     let proto = sess.proto;
-    let (r, refresh) =
-        l1.lookup_with(&args[key], now, |s| signature_matches(s, proto, args), take)?;
+    let matches = |s: &[u8]| {
+        raw_matches(s, proto, &req.raw, args[0].len()) || signature_matches(s, proto, args)
+    };
+    let (r, refresh) = l1.lookup_with(&args[key], now, matches, take)?;
     if refresh {
         refresh_ahead(
             px,
@@ -198,7 +227,10 @@ pub async fn read(
 ) -> Pending {
     let proto = sess.proto;
     let hint = sess.hint();
-    if let Some(hit) = l1.get(&key, |s| signature_matches(s, proto, &req.args)) {
+    let matches = |s: &[u8]| {
+        raw_matches(s, proto, &req.raw, req.args[0].len()) || signature_matches(s, proto, &req.args)
+    };
+    if let Some(hit) = l1.get(&key, matches) {
         sess.level = crate::metrics::Level::L1;
         if hit.refresh {
             refresh_ahead(px, l1, key, signature(proto, &req.args), hint);
@@ -559,5 +591,49 @@ mod tests {
             Proto::Resp3,
             &args(&["hget", "h", "g"])
         ));
+    }
+
+    /// The fast compare says yes only when the full one does, and says yes for the
+    /// canonical encoding in any case of the name.
+    #[test]
+    fn raw_matching_agrees_with_signature_matching() {
+        let requests: &[&[&str]] = &[
+            &["GET", "k"],
+            &["get", "k"],
+            &["GeT", "K"],
+            &["GET", "kk"],
+            &["GET", "k", "x"],
+            &["HGET", "h", "f"],
+            &["hget", "h", "g"],
+            &["HGET", "h", "f\r\n$1\r\nx"],
+            &["ZRANGE", "z", "0", "-1", "WITHSCORES"],
+            &["zrange", "z", "0", "-1"],
+            &["GET", ""],
+        ];
+        for proto in [Proto::Resp2, Proto::Resp3] {
+            for stored in requests {
+                let sig = signature(proto, &args(stored));
+                for sent in requests {
+                    let a = args(sent);
+                    let raw = crate::respond::command_bytes(&a);
+                    let full = signature_matches(&sig, proto, &a);
+                    for p in [Proto::Resp2, Proto::Resp3] {
+                        let fast = raw_matches(&sig, p, &raw, a[0].len());
+                        assert!(
+                            !fast || signature_matches(&sig, p, &a),
+                            "{stored:?} {sent:?}"
+                        );
+                    }
+                    assert_eq!(
+                        raw_matches(&sig, proto, &raw, a[0].len()),
+                        full,
+                        "{stored:?} {sent:?}"
+                    );
+                }
+                // Non-canonical spellings are left to the full compare.
+                let odd = b"*2\r\n$03\r\nGET\r\n$1\r\nk\r\n";
+                assert!(!raw_matches(&sig, proto, odd, 3));
+            }
+        }
     }
 }

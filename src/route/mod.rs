@@ -513,10 +513,13 @@ async fn with_l1_resolving(
     info: &Arc<crate::parse::table::CommandInfo>,
     req: Request,
 ) -> (Pending, bool) {
+    // As `with_l1` decides (WATCHing reads go to Redis, and their stubs are resolved
+    // by the caller like any forwarded read's).
     let via_cache = px.l1.is_some()
         && !info.may_write()
         && cache::cacheable(&info.name)
-        && info.policy != Policy::Local;
+        && info.policy != Policy::Local
+        && !sess.txn.is_watching();
     (with_l1(px, sess, info, req).await, via_cache)
 }
 
