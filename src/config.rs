@@ -61,6 +61,9 @@ pub struct Config {
     pub admin_listen: String,
     /// How long SIGTERM waits for in-flight requests before exiting.
     pub shutdown_timeout_ms: u64,
+    /// Threads serving requests; 0: one per core but one, at least one (see
+    /// [`Config::workers`]).                          env TIERPROXY_WORKER_THREADS
+    pub worker_threads: usize,
     /// Prepended to every key on the way to Redis and stripped from key names on the way
     /// back (the seed's KeyBuilder prefix, e.g. `mcp:v1:`); empty: none. A user's own
     /// `namespace` ([[auth.users]]) replaces it for that user.  env TIERPROXY_NAMESPACE
@@ -431,6 +434,7 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.into(),
             admin_listen: DEFAULT_ADMIN_LISTEN.into(),
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            worker_threads: 0,
             upstream: UpstreamConfig::default(),
             client: ClientConfig::default(),
             tls: TlsConfig::default(),
@@ -660,6 +664,21 @@ impl Config {
         Ok(())
     }
 
+    /// The runtime's worker threads: `worker_threads`, or by default one per core but
+    /// one (at least one). The core left over is the kernel's: on loopback and on small
+    /// machines it carries the TCP work of every request, and the clients run there too.
+    /// Measured on 2 cores: one worker served 5-50 % more than two at pipeline depth 1
+    /// and 16, forwarding and from L1 (`bench/README.md`).
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .saturating_sub(1)
+                .max(1),
+            n => n,
+        }
+    }
+
     /// Environment overrides, using the seed application's names where they exist.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), StartError> {
         if let Some(v) = get("REDIS_ADDR") {
@@ -679,6 +698,13 @@ impl Config {
         }
         if let Some(v) = get("TIERPROXY_LISTEN") {
             self.listen = v;
+        }
+        if let Some(v) = get("TIERPROXY_WORKER_THREADS") {
+            self.worker_threads = v.trim().parse().map_err(|_| {
+                StartError::Config(format!(
+                    "TIERPROXY_WORKER_THREADS: expected a number of threads, got {v:?}"
+                ))
+            })?;
         }
         if let Some(v) = get("TIERPROXY_ADMIN_LISTEN") {
             self.admin_listen = v;
@@ -799,6 +825,9 @@ impl Config {
             if v == 0 {
                 return bad(key, "must be greater than 0".into());
             }
+        }
+        if self.worker_threads > 1024 {
+            return bad("worker_threads", "must be at most 1024".into());
         }
         if u.connections_per_node == 0 || u.connections_per_node > 64 {
             return bad("upstream.connections_per_node", "must be 1..=64".into());
@@ -1081,5 +1110,23 @@ mod tests {
         c.client.max_inflight = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("client.max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_per_core_but_one() {
+        let mut c = Config::default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.workers(), cores.saturating_sub(1).max(1));
+        c.apply_env(|k| (k == "TIERPROXY_WORKER_THREADS").then(|| "3".into()))
+            .unwrap();
+        assert_eq!(c.workers(), 3);
+        let e = c
+            .apply_env(|k| (k == "TIERPROXY_WORKER_THREADS").then(|| "many".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("TIERPROXY_WORKER_THREADS"), "{e}");
+        c.worker_threads = 5000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("worker_threads"), "{e}");
     }
 }

@@ -116,6 +116,7 @@ fn main() -> ExitCode {
     }
     init_logging(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.workers())
         .enable_all()
         .build()
     {

@@ -177,6 +177,7 @@ pub fn apply(px: &Proxy, new: Config) -> Outcome {
         ("listen", old.listen != new.listen),
         ("namespace", old.namespace != new.namespace),
         ("admin_listen", old.admin_listen != new.admin_listen),
+        ("worker_threads", old.worker_threads != new.worker_threads),
         (
             "shutdown_timeout_ms",
             old.shutdown_timeout_ms != new.shutdown_timeout_ms,

@@ -773,7 +773,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
             };
             let up = px.started.elapsed().as_secs();
             out.push_str(&format!(
-                "# Server\r\nredis_version:{}\r\ntierproxy_version:{}\r\nredis_mode:standalone\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{up}\r\nuptime_in_days:{}\r\nupstream_mode:{mode}\r\n\r\n",
+                "# Server\r\nredis_version:{}\r\ntierproxy_version:{}\r\nredis_mode:standalone\r\nos:{} {}\r\narch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{up}\r\nuptime_in_days:{}\r\nupstream_mode:{mode}\r\nworker_threads:{}\r\n\r\n",
                 facts.redis_version,
                 env!("CARGO_PKG_VERSION"),
                 std::env::consts::OS,
@@ -781,6 +781,7 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
                 std::process::id(),
                 px.local_port.load(Ordering::Relaxed),
                 up / 86400,
+                px.cfg.workers(),
             ));
         }
         if want("clients") {
