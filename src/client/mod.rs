@@ -361,6 +361,7 @@ where
         let before = sess.reply_mode;
         let raw = px.slowlog.enabled().then(|| req.raw.clone());
         let p = route::dispatch(px, sess, req).await;
+        sess.l1_missed = false;
         crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
         let silent = if is_client_reply {
             sess.reply_mode != ReplyMode::On
@@ -497,7 +498,12 @@ async fn forward_group<R, W, I>(
             } else {
                 route::cache::lane_hit(px, sess, l1, plan.info, req, now, Clone::clone).map(Some)
             };
-            let Some(served) = served else { break };
+            let Some(served) = served else {
+                // The ordinary path takes the miss (admission, fill) without a second
+                // lookup.
+                sess.l1_missed = true;
+                break;
+            };
             let Some(req) = reqs.next() else { break };
             match served {
                 None => written.add(plan.info.stat, slowlog.then_some(req.raw)),

@@ -137,6 +137,9 @@ pub struct Session {
     pub level: crate::metrics::Level,
     /// The key namespace of the user (see [`crate::route::namespace`]); None: none.
     pub namespace: Option<bytes::Bytes>,
+    /// The fast lane looked the next command up in L1 and missed: the ordinary path
+    /// goes upstream without looking again. Cleared once that command is dispatched.
+    pub l1_missed: bool,
 }
 
 /// A configured namespace as the session holds it: `""` is none.
@@ -161,6 +164,7 @@ impl Session {
             cmd_stat: None,
             level: crate::metrics::Level::L2,
             namespace: None,
+            l1_missed: false,
         }
     }
 

@@ -322,10 +322,14 @@ pub struct WriteGuard {
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         for k in &self.keys {
-            // Invalidate before lowering the count: a read that starts after this sees
-            // the new value upstream; one that started before cannot fill (generation).
-            self.l1.invalidate(k);
-            self.l1.writing[self.l1.bucket(k)].fetch_sub(1, Ordering::SeqCst);
+            // The generation moves before the count is lowered: a read that starts after
+            // this sees the new value upstream; one that started before (it may have read
+            // the old value on another connection) cannot fill. Nothing entered moka or
+            // the front meanwhile: fills are refused and lookups serve nothing while the
+            // count is raised, so there is nothing to remove.
+            let b = self.l1.bucket(k);
+            self.l1.gens[b].fetch_add(1, Ordering::SeqCst);
+            self.l1.writing[b].fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

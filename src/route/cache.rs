@@ -230,7 +230,17 @@ pub async fn read(
     let matches = |s: &[u8]| {
         raw_matches(s, proto, &req.raw, req.args[0].len()) || signature_matches(s, proto, &req.args)
     };
-    if let Some(hit) = l1.get(&key, matches) {
+    let hit = if std::mem::take(&mut sess.l1_missed) {
+        // Looked up a moment ago by the fast lane: a miss (going upstream is always
+        // right; only the counting is left).
+        l1.stats
+            .misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        None
+    } else {
+        l1.get(&key, matches)
+    };
+    if let Some(hit) = hit {
         sess.level = crate::metrics::Level::L1;
         if hit.refresh {
             refresh_ahead(px, l1, key, signature(proto, &req.args), hint);
@@ -261,8 +271,8 @@ pub async fn read(
                     Ok(reply) => Value::Raw(reply),
                     // The leader gave up (its client left, or it failed): read ourselves.
                     Err(_) => {
-                        match unspill(&px, px.upstream.call(target, req.raw, proto, hint).await)
-                            .await
+                        let read = Box::pin(px.upstream.call(target, req.raw, proto, hint));
+                        match unspill(&px, read.await).await
                         {
                             Ok(raw) => Value::Raw(raw),
                             Err(e) => or_stale(&l1, &key, &sig, e),
@@ -519,7 +529,11 @@ async fn unspill(
     reply: Result<Bytes, crate::error::Error>,
 ) -> Result<Bytes, crate::error::Error> {
     match (reply, px.spill.as_ref()) {
-        (Ok(raw), Some(spill)) => super::spill::resolve_reply(spill, raw).await,
+        // Boxed: the store's read is a large future, which every read of L1's would
+        // otherwise carry (and copy into its own box) for the rare stub.
+        (Ok(raw), Some(spill)) if super::spill::may_hold_stub(&raw) => {
+            Box::pin(super::spill::resolve_reply(spill, raw)).await
+        }
         (r, _) => r,
     }
 }
