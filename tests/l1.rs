@@ -840,3 +840,57 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
     let log = s(c.cmd(&["SLOWLOG", "GET", "100"]));
     assert_eq!(log.matches("$3\r\nGET\r\n").count(), 6, "{log}");
 }
+
+fn rss_kib(pid: u32) -> i64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A cached key and reply are a few bytes of the client's and the upstream connection's
+/// read buffers; kept as slices they would keep those buffers whole (here each cached
+/// key shares its client batch with a 16 KiB value), far beyond what L1's byte budget
+/// weighs.
+#[test]
+fn cached_entries_do_not_keep_read_buffers_alive() {
+    let redis = support::RedisServer::start();
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\nmax_bytes = 8388608\n");
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut d = Resp::connect(&redis.addr());
+    let small = "s".repeat(100);
+    const KEYS: usize = 3000;
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(500) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("k{i}")).collect();
+        let cmds: Vec<[&str; 3]> = keys.iter().map(|k| ["SET", k.as_str(), &small]).collect();
+        let cmds: Vec<&[&str]> = cmds.iter().map(|c| &c[..]).collect();
+        d.send_raw(&support::encode_pipeline(&cmds));
+        for _ in &cmds {
+            d.read_reply();
+        }
+    }
+    let mut c = Resp::connect(&px.addr());
+    c.cmd(&["PING"]);
+    let before = rss_kib(px.pid());
+    let filler = "f".repeat(16 * 1024);
+    for i in 0..KEYS {
+        let k = format!("k{i}");
+        // The GET arrives in one read with a 16 KiB SET.
+        c.send_raw(&support::encode_pipeline(&[
+            &["SET", "filler", &filler],
+            &["GET", &k],
+        ]));
+        assert_eq!(s(c.read_reply()), "+OK\r\n");
+        assert_eq!(s(c.read_reply()), format!("$100\r\n{small}\r\n"));
+    }
+    assert!(stat(&mut c, "l1_entries") >= KEYS as i64 / 2);
+    let grown = rss_kib(px.pid()) - before;
+    // 3,000 entries of 100 bytes, weighed at most 8 MiB; as slices they held ~60 MiB.
+    assert!(grown < 24 * 1024, "RSS grew by {grown} KiB");
+}

@@ -738,6 +738,10 @@ impl L1 {
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        // Copied: the key and the reply are slices of the client's and the upstream
+        // connection's read buffers, which a cached slice would keep whole (a 100-byte
+        // reply pinning a 16 KiB buffer), beyond what the budget weighs.
+        let (key, reply) = (Bytes::copy_from_slice(&key), Bytes::copy_from_slice(&reply));
         let now = Instant::now();
         let cache = self.cache();
         // The key's other replies keep their own lifetimes (they were read earlier).

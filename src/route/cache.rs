@@ -272,8 +272,7 @@ pub async fn read(
                     // The leader gave up (its client left, or it failed): read ourselves.
                     Err(_) => {
                         let read = Box::pin(px.upstream.call(target, req.raw, proto, hint));
-                        match unspill(&px, read.await).await
-                        {
+                        match unspill(&px, read.await).await {
                             Ok(raw) => Value::Raw(raw),
                             Err(e) => or_stale(&l1, &key, &sig, e),
                         }
