@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tierproxy::config::{Config, Overrides};
 
+/// Every request allocates and frees small buffers; glibc's allocator spent a fifth of
+/// the proxy's time on them under a mixed L1 workload.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "tierproxy",
