@@ -76,14 +76,7 @@ fn hits_are_served_without_upstream_calls_and_admission_waits_for_hot_keys() {
         &["--config", cfg.path().to_str().unwrap()],
         &[],
     );
-    let get_calls = || {
-        let info = s(Resp::connect(&redis.addr()).cmd(&["INFO", "commandstats"]));
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let get_calls = || support::command_calls(&mut Resp::connect(&redis.addr()), "get");
     let mut c = Resp::connect(&px.addr());
     let k = format!("{}hot", tag("admit"));
     assert_eq!(s(c.cmd(&["SET", &k, "v"])), "+OK\r\n");
@@ -782,14 +775,7 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
         &["--config", cfg.path().to_str().unwrap()],
         &[],
     );
-    let upstream_calls = |cmd: &str| {
-        let info = s(Resp::connect(&redis.addr()).cmd(&["INFO", "commandstats"]));
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let upstream_calls = |cmd: &str| support::command_calls(&mut Resp::connect(&redis.addr()), cmd);
     let mut c = Resp::connect(&px.addr());
     for (k, v) in [("h1", "one"), ("h2", "two"), ("p", "plain")] {
         assert_eq!(s(c.cmd(&["SET", k, v])), "+OK\r\n");
@@ -801,14 +787,7 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
     }
     let hits = stat(&mut c, "l1_hits");
     let gets = upstream_calls("get");
-    let proxy_gets = |c: &mut Resp| {
-        s(c.cmd(&["INFO", "commandstats"]))
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(0)
-    };
+    let proxy_gets = |c: &mut Resp| support::command_calls(c, "get");
     let proxy_gets_before = proxy_gets(&mut c);
     c.cmd(&["SLOWLOG", "RESET"]);
     let pipeline: &[(&[&str], &str)] = &[

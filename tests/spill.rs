@@ -491,13 +491,15 @@ fn concurrent_reads_of_one_value_share_a_store_read() {
     }
 }
 
-#[test]
-fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
+/// A proxy with L1 (admitting on the first read) and the spill store in a directory of
+/// its own (removed when the returned guard is dropped, after the proxy); `top` is
+/// prepended to its config.
+fn l1_spill_proxy(top: &str) -> (tempfile::TempDir, Proxy) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     write!(
         cfg,
-        "[l1]\nenabled = true\nadmit_after_reads = 1\n[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
+        "{top}[l1]\nenabled = true\nadmit_after_reads = 1\n[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
         dir.path().display()
     )
     .unwrap();
@@ -506,6 +508,12 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
         &["--config", cfg.path().to_str().unwrap()],
         &[],
     );
+    (dir, px)
+}
+
+#[test]
+fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
+    let (_dir, px) = l1_spill_proxy("");
     let mut c = Resp::connect(&px.addr());
     let k = format!("{}both", tag("l1l3"));
     let v1 = random(THRESHOLD * 8, 11);
@@ -539,19 +547,7 @@ fn with_l1_a_hot_spilled_value_is_cached_resolved_and_invalidated_on_write() {
 /// this once returned the stub itself.
 #[test]
 fn with_l1_a_watching_read_of_a_spilled_value_is_resolved() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    write!(
-        cfg,
-        "namespace = \"ns:\"\n[l1]\nenabled = true\nadmit_after_reads = 1\n[l3]\nenabled = true\nthreshold_bytes = {THRESHOLD}\ndir = \"{}\"\n",
-        dir.path().display()
-    )
-    .unwrap();
-    let px = Proxy::start(
-        &shared_cluster().seeds(),
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let (_dir, px) = l1_spill_proxy("namespace = \"ns:\"\n");
     let mut c = Resp::connect(&px.addr());
     let k = format!("{}watched", tag("l1l3w"));
     let v = random(THRESHOLD * 4, 13);

@@ -1625,6 +1625,17 @@ pub fn connected_clients(addr: &str) -> i64 {
 
 /// Polls `f` every 50 ms until it returns true or `limit` passes; whether it did.
 /// A numeric field of `INFO l1` (panics if it is missing).
+/// `calls=` of `cmd` in INFO commandstats over `c` (a proxy's or a redis-server's): 0
+/// while it has not run.
+pub fn command_calls(c: &mut Resp, cmd: &str) -> i64 {
+    let info = String::from_utf8_lossy(&c.cmd(&["INFO", "commandstats"])).into_owned();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn l1_stat(c: &mut Resp, name: &str) -> i64 {
     let info = String::from_utf8_lossy(&c.cmd(&["INFO", "l1"])).into_owned();
     info.lines()
