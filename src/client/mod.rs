@@ -469,7 +469,11 @@ async fn forward_group<R, W, I>(
     /// A command of the run still to be queued.
     enum Planned {
         /// For the node group of this index.
-        Node(usize),
+        Node {
+            group: usize,
+            target: crate::upstream::Target,
+            values: bool,
+        },
         /// L1's reply, behind pending ones.
         Hit(bytes::Bytes),
     }
@@ -479,6 +483,7 @@ async fn forward_group<R, W, I>(
     let out_limit = px.cfg.client.output_buffer_limit as usize;
     // Replies written straight to the output: counted per command once the run is done.
     let mut written = WrittenHits::default();
+    let mut queued_hits = 0;
     // L1's expiry checks: commands before this run may have waited (a spill store
     // write, a connect), so the batch's start is not now. The loop does not wait.
     let now = Instant::now();
@@ -507,13 +512,10 @@ async fn forward_group<R, W, I>(
             let Some(req) = reqs.next() else { break };
             match served {
                 None => written.add(plan.info.stat, slowlog.then_some(req.raw)),
-                Some(reply) => planned.push((
-                    plan.info,
-                    req,
-                    Planned::Hit(reply),
-                    plan.target,
-                    plan.values,
-                )),
+                Some(reply) => {
+                    queued_hits += 1;
+                    planned.push((plan.info, req, Planned::Hit(reply)));
+                }
             }
             last_info = Some(plan.info);
             next = plan_next(reqs, sess);
@@ -542,17 +544,21 @@ async fn forward_group<R, W, I>(
         nodes[g].data.extend_from_slice(&req.raw);
         nodes[g].count += 1;
         last_info = Some(plan.info);
-        planned.push((plan.info, req, Planned::Node(g), plan.target, plan.values));
+        planned.push((
+            plan.info,
+            req,
+            Planned::Node {
+                group: g,
+                target: plan.target,
+                values: plan.values,
+            },
+        ));
         next = plan_next(reqs, sess);
     }
     let Some(last) = last_info else {
         return;
     };
-    let hits = written.count
-        + planned
-            .iter()
-            .filter(|p| matches!(p.2, Planned::Hit(_)))
-            .count() as u64;
+    let hits = written.count + queued_hits;
     if hits > 0 {
         if let Some(l1) = &px.l1 {
             l1.stats.hits.fetch_add(hits, Ordering::Relaxed);
@@ -585,18 +591,22 @@ async fn forward_group<R, W, I>(
         })
         .collect();
     crate::metrics::INFLIGHT_NOW.fetch_add(planned.len() as i64, Ordering::Relaxed);
-    for (info, req, planned, target, values) in planned {
+    for (info, req, planned) in planned {
         let raw = slowlog.then(|| req.raw.clone());
         let (p, level) = match planned {
             Planned::Hit(reply) => (Pending::Ready(Value::Raw(reply)), Level::L1),
-            Planned::Node(g) => {
+            Planned::Node {
+                group,
+                target,
+                values,
+            } => {
                 let member = route::Member {
                     target,
                     data: req.raw,
                     values,
-                    group: g,
+                    group,
                 };
-                let p = match tickets[g].as_mut().map(Option::take) {
+                let p = match tickets[group].as_mut().map(Option::take) {
                     Some(Some(t)) => Pending::Group(t, member),
                     Some(None) => Pending::Member(member),
                     None => {

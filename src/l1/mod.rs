@@ -104,11 +104,7 @@ pub struct KeyEntry {
 }
 
 impl KeyEntry {
-    fn bytes(&self, key: &Bytes) -> usize {
-        self.bytes_of(key)
-    }
-
-    fn bytes_of(&self, key: &[u8]) -> usize {
+    fn bytes(&self, key: &[u8]) -> usize {
         key.len()
             + ENTRY_OVERHEAD
             + self
@@ -647,7 +643,7 @@ impl L1 {
         e: &KeyEntry,
         now: Instant,
     ) {
-        if e.bytes_of(key) > FRONT_MAX_ENTRY {
+        if e.bytes(key) > FRONT_MAX_ENTRY {
             return;
         }
         let keep = slot.load().as_ref().is_some_and(|f| {
