@@ -37,11 +37,13 @@ use crate::config::L1Config;
 const GEN_BUCKETS: usize = 1 << 16;
 /// Bookkeeping bytes charged per entry on top of its data.
 const ENTRY_OVERHEAD: usize = 96;
-/// Slots of the hot front (see [`Front`]); a power of two, at most `GEN_BUCKETS`.
-const FRONT_SLOTS: usize = 4096;
+/// Slots of the hot front (see [`Front`]); a power of two, at most `GEN_BUCKETS`. 512
+/// KiB of pointers; the entries are moka's own. 4,096 slots served about half of a
+/// zipf read load over 100k keys from moka; this many, a tenth.
+const FRONT_SLOTS: usize = 1 << 16;
 /// Entries weighing more than this (key, signatures, replies and their bookkeeping, as
-/// moka weighs them) stay out of the front: what it may keep alive after moka dropped
-/// it (a race with an eviction) is bounded by slots × this, 64 MiB at worst.
+/// moka weighs them) stay out of the front: for large values moka's bookkeeping is a
+/// small part of a hit.
 const FRONT_MAX_ENTRY: usize = 16 * 1024;
 /// One front hit in this many also reads the entry in moka, so that its admission and
 /// eviction policy still sees which keys are hot.
@@ -126,16 +128,32 @@ type KeyCache = Cache<Bytes, KeyEntry, ahash::RandomState>;
 ///   entry read from moka just before a removal is never served after it), its flush
 ///   epoch is current and no write through this proxy is in flight;
 /// - entries leave with their key's invalidation, moka's eviction, and every flush, and
-///   only entries up to [`FRONT_MAX_ENTRY`] enter.
+///   only entries up to [`FRONT_MAX_ENTRY`] enter. An entry is looked up in moka again
+///   after it is put in the front, and taken out if moka no longer holds it (an eviction
+///   whose notice ran first), so the front holds nothing beyond moka's budget.
+/// - a fill puts its reply in the front too, under the generation its read started in.
 struct Front {
     slots: Box<[arc_swap::ArcSwapOption<FrontEntry>]>,
 }
 
+/// One reply of a key, laid out for a hit to touch as little memory as it can: the
+/// checks are in the entry itself, and the signature names the key (a signature that
+/// matches the request is about the request's key), so a hit reads the entry, the
+/// signature and the reply, not the key or moka's entry.
 struct FrontEntry {
-    key: Bytes,
-    /// The key's generation bucket when the entry was read from moka.
+    /// The key's generation bucket when the entry was read from moka or filled.
     gen: u64,
-    entry: KeyEntry,
+    /// The flush epoch of its moka entry.
+    epoch: u64,
+    /// The reply's own expiry, and when its key's entry expires (for displacement).
+    expires_at: Instant,
+    key_expires_at: Instant,
+    sig: Bytes,
+    reply: Bytes,
+    /// For removal and displacement only.
+    key: Bytes,
+    /// The reply's refresh-ahead bookkeeping, read only inside its refresh window.
+    cached: Arc<Cached>,
 }
 
 impl Front {
@@ -284,10 +302,8 @@ pub struct L1 {
     reads: Box<[AtomicU32]>,
     admit_window_ms: AtomicU64,
     started: Instant,
-    gens: Box<[AtomicU64]>,
-    /// Writes through this proxy in flight, per bucket: while one is, its keys are
-    /// neither served nor filled, and no read joins another's (it may predate the write).
-    writing: Box<[AtomicU32]>,
+    /// The fill-race guard's generations and write marks, by key hash.
+    buckets: Box<[Bucket]>,
     epoch: AtomicU64,
     hasher: ahash::RandomState,
     pub stats: L1Stats,
@@ -309,6 +325,19 @@ pub struct L1 {
 /// A leader's read in flight: the token it started with, and who waits for it.
 type InFlight = (FillToken, Vec<oneshot::Sender<Bytes>>);
 
+/// A generation bucket: keys hashing here share it. Both counters sit on one cache line,
+/// which a hit reads first.
+#[derive(Default)]
+#[repr(align(16))]
+struct Bucket {
+    /// Bumped by every invalidation of one of its keys: a read that started under an
+    /// older generation may not fill, and a front entry read under one is not served.
+    gen: AtomicU64,
+    /// Writes through this proxy in flight: while one is, its keys are neither served
+    /// nor filled, and no read joins another's (it may predate the write).
+    writing: AtomicU32,
+}
+
 /// A write in flight through this proxy (see [`L1::begin_write`]).
 pub struct WriteGuard {
     l1: Arc<L1>,
@@ -324,8 +353,8 @@ impl Drop for WriteGuard {
             // the front meanwhile: fills are refused and lookups serve nothing while the
             // count is raised, so there is nothing to remove.
             let b = self.l1.bucket(k);
-            self.l1.gens[b].fetch_add(1, Ordering::SeqCst);
-            self.l1.writing[b].fetch_sub(1, Ordering::SeqCst);
+            self.l1.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
+            self.l1.buckets[b].writing.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -396,8 +425,7 @@ impl L1 {
             reads,
             admit_window_ms: AtomicU64::new(cfg.admit_window_ms.max(1)),
             started: Instant::now(),
-            gens: (0..GEN_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            writing: (0..GEN_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+            buckets: (0..GEN_BUCKETS).map(|_| Bucket::default()).collect(),
             epoch: AtomicU64::new(0),
             hasher,
             stats: L1Stats {
@@ -589,33 +617,25 @@ impl L1 {
             return None;
         }
         let hash = hash_of(&self.hasher, key);
-        let bucket = hash as usize & (GEN_BUCKETS - 1);
-        if self.writing[bucket].load(Ordering::SeqCst) > 0 {
+        let bucket = &self.buckets[hash as usize & (GEN_BUCKETS - 1)];
+        if bucket.writing.load(Ordering::SeqCst) > 0 {
             return None;
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         // Read before moka: see `Front`.
-        let gen = self.gens[bucket].load(Ordering::SeqCst);
+        let gen = bucket.gen.load(Ordering::SeqCst);
         let slot = self.front.slot(hash);
         {
             let front = slot.load();
-            if let Some(f) = front
-                .as_ref()
-                .filter(|f| f.key == key && f.gen == gen && f.entry.epoch == epoch)
-            {
-                if let Some(c) = f
-                    .entry
-                    .replies
-                    .iter()
-                    .find(|c| c.expires_at > now && matches(&c.sig))
-                {
-                    // Gone from moka (an eviction whose notice is on its way): the
-                    // front lets it go too.
-                    if one_in(FRONT_TOUCH_EVERY) && self.cache().get(key).is_none() {
-                        self.front.remove(hash, key);
-                    }
-                    return Some((take(&c.reply), self.refresh_due(c, now)));
+            if let Some(f) = front.as_ref().filter(|f| {
+                f.gen == gen && f.epoch == epoch && f.expires_at > now && matches(&f.sig)
+            }) {
+                // Gone from moka (an eviction whose notice is on its way): the front
+                // lets it go too.
+                if one_in(FRONT_TOUCH_EVERY) && self.cache().get(key).is_none() {
+                    self.front.remove(hash, key);
                 }
+                return Some((take(&f.reply), self.refresh_due(&f.cached, now)));
             }
         }
         let e = self.cache().get(key)?;
@@ -628,41 +648,57 @@ impl L1 {
             .iter()
             .find(|c| c.expires_at > now && matches(&c.sig))?;
         let hit = (take(&c.reply), self.refresh_due(c, now));
-        self.enter_front(slot, gen, key, &e, now);
+        self.enter_front(hash, gen, key, &e, c, now);
         Some(hit)
     }
 
-    /// Puts an entry just read from moka (under generation `gen`) in its front slot,
-    /// unless it is large, or the slot holds another key that is still servable and
-    /// this install is not its turn to displace it.
+    /// Puts reply `c` of an entry just read from moka or filled (under generation
+    /// `gen`) in its key's front slot, unless it is large, or the slot holds another key
+    /// that is still servable and this install is not its turn to displace it.
     fn enter_front(
         &self,
-        slot: &arc_swap::ArcSwapOption<FrontEntry>,
+        hash: u64,
         gen: u64,
         key: &[u8],
         e: &KeyEntry,
+        c: &Arc<Cached>,
         now: Instant,
     ) {
-        if e.bytes(key) > FRONT_MAX_ENTRY {
+        if key.len() + c.sig.len() + c.reply.len() + ENTRY_OVERHEAD > FRONT_MAX_ENTRY {
             return;
         }
+        let slot = self.front.slot(hash);
         let keep = slot.load().as_ref().is_some_and(|f| {
-            f.key != key
-                && f.entry.epoch == e.epoch
-                && f.entry.expires_at > now
+            f.epoch == e.epoch
+                && f.key_expires_at > now
+                && f.key != key
                 && !one_in(FRONT_DISPLACE_EVERY)
         });
         if !keep {
             slot.store(Some(Arc::new(FrontEntry {
-                key: Bytes::copy_from_slice(key),
                 gen,
-                entry: e.clone(),
+                epoch: e.epoch,
+                expires_at: c.expires_at,
+                key_expires_at: e.expires_at,
+                sig: c.sig.clone(),
+                reply: c.reply.clone(),
+                key: Bytes::copy_from_slice(key),
+                cached: c.clone(),
             })));
+            // Evicted meanwhile, its notice already run: not kept beyond moka's budget.
+            if !self.cache().contains_key(key) {
+                self.front.remove(hash, key);
+            }
         }
     }
 
+    /// `l1.serve_stale_on_error`.
+    pub fn serves_stale(&self) -> bool {
+        self.serve_stale
+    }
+
     /// Counts a read of `key`; true once it is hot enough to be cached.
-    pub fn admit(&self, key: &Bytes) -> bool {
+    pub fn admit(&self, key: &[u8]) -> bool {
         let admit_after = self.admit_after.load(Ordering::Relaxed);
         if admit_after <= 1 {
             return true;
@@ -692,13 +728,13 @@ impl L1 {
         let bucket = self.bucket(key);
         FillToken {
             bucket,
-            gen: self.gens[bucket].load(Ordering::SeqCst),
+            gen: self.buckets[bucket].gen.load(Ordering::SeqCst),
             epoch: self.epoch.load(Ordering::SeqCst),
         }
     }
 
     fn still_valid(&self, t: &FillToken) -> bool {
-        self.gens[t.bucket].load(Ordering::SeqCst) == t.gen
+        self.buckets[t.bucket].gen.load(Ordering::SeqCst) == t.gen
             && self.epoch.load(Ordering::SeqCst) == t.epoch
     }
 
@@ -730,7 +766,9 @@ impl L1 {
         if ttl.is_zero() {
             return false;
         }
-        if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
+        if !self.still_valid(&token)
+            || self.buckets[token.bucket].writing.load(Ordering::SeqCst) > 0
+        {
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -750,45 +788,63 @@ impl L1 {
                 .collect(),
             _ => Vec::new(),
         };
-        replies.push(Arc::new(Cached::new(sig, reply, now, ttl)));
+        let filled = Arc::new(Cached::new(sig, reply, now, ttl));
+        replies.push(filled.clone());
         let expires_at = replies
             .iter()
             .map(|c| c.expires_at)
             .max()
             .unwrap_or(now + ttl);
-        cache.insert(
-            key.clone(),
-            KeyEntry {
-                replies: Arc::new(replies),
-                expires_at,
-                epoch: token.epoch,
-            },
-        );
-        if !self.still_valid(&token) || self.writing[token.bucket].load(Ordering::SeqCst) > 0 {
+        let entry = KeyEntry {
+            replies: Arc::new(replies),
+            expires_at,
+            epoch: token.epoch,
+        };
+        cache.insert(key.clone(), entry.clone());
+        if !self.still_valid(&token)
+            || self.buckets[token.bucket].writing.load(Ordering::SeqCst) > 0
+        {
             // An invalidation raced the insert: it may have run before the insert landed.
             // Removed as `invalidate` removes (not through it: the cache lock is held), so
             // that a lookup which read the insert cannot put it in the front either.
             cache.invalidate(&key);
-            self.gens[token.bucket].fetch_add(1, Ordering::SeqCst);
+            self.buckets[token.bucket]
+                .gen
+                .fetch_add(1, Ordering::SeqCst);
             self.front.remove(hash_of(&self.hasher, &key), &key);
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        // The next read takes the entry with this reply into the front.
-        self.front.remove(hash_of(&self.hasher, &key), &key);
+        // Servable from the front while the generation is the token's: an invalidation
+        // from here on bumps it.
+        self.enter_front(
+            hash_of(&self.hasher, &key),
+            token.gen,
+            &key,
+            &entry,
+            &filled,
+            now,
+        );
         self.stats.fills.fetch_add(1, Ordering::Relaxed);
         true
     }
 
-    fn being_written(&self, key: &[u8]) -> bool {
-        self.writing[self.bucket(key)].load(Ordering::SeqCst) > 0
+    /// Whether a write of `key` (or of a key sharing its bucket) through this proxy
+    /// is in flight: nothing read now may be cached or served.
+    pub fn being_written(&self, key: &[u8]) -> bool {
+        self.buckets[self.bucket(key)]
+            .writing
+            .load(Ordering::SeqCst)
+            > 0
     }
 
     /// Marks `keys` as being written through this proxy until the guard is dropped (when
     /// the write's reply is in): invalidated now and again then.
     pub fn begin_write(self: &Arc<Self>, keys: Vec<Bytes>) -> WriteGuard {
         for k in &keys {
-            self.writing[self.bucket(k)].fetch_add(1, Ordering::SeqCst);
+            self.buckets[self.bucket(k)]
+                .writing
+                .fetch_add(1, Ordering::SeqCst);
             self.invalidate(k);
         }
         WriteGuard {
@@ -801,11 +857,11 @@ impl L1 {
     pub fn invalidate(&self, key: &[u8]) {
         let hash = hash_of(&self.hasher, key);
         let b = hash as usize & (GEN_BUCKETS - 1);
-        self.gens[b].fetch_add(1, Ordering::SeqCst);
+        self.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
         self.cache().invalidate(key);
         // Again after the removal: a lookup that read moka before it read the
         // generation before this, so what it put in the front is never served.
-        self.gens[b].fetch_add(1, Ordering::SeqCst);
+        self.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
         self.front.remove(hash, key);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
