@@ -797,7 +797,7 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
         (&["GET", "h2"], "$3\r\ntwo\r\n"),         // hit, queued behind the miss
         (&["TTL", "p"], ":-1\r\n"),                // forwarded in the lane
         (&["GET", "h1"], "$3\r\none\r\n"),         // hit, queued behind it
-        (&["INCR", "n"], ":1\r\n"),                // a write: the ordinary path
+        (&["INCR", "n"], ":1\r\n"),                // a write, its key marked
         (&["GET", "h2"], "$3\r\ntwo\r\n"),         // hit, queued behind the write
         (&["SET", "h1", "uno"], "+OK\r\n"),        // invalidates h1
         (&["GET", "h1"], "$3\r\nuno\r\n"),         // must not be the old hit
@@ -818,6 +818,77 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
     // Every command of the pipeline is in the slow log (threshold 0), hits included.
     let log = s(c.cmd(&["SLOWLOG", "GET", "100"]));
     assert_eq!(log.matches("$3\r\nGET\r\n").count(), 6, "{log}");
+}
+
+/// In one pipeline through the fast lane: misses of keys not yet admitted are forwarded
+/// as they are and count as L2 hits or misses by their replies; a write marks its key,
+/// so the reads after it, in the same pipeline, reach Redis behind it; once the writes
+/// are in, the key is cached again with the last value.
+#[test]
+fn lane_misses_are_counted_and_writes_keep_the_pipeline_s_order() {
+    let redis = support::RedisServer::start();
+    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 4\nadmit_window_ms = 60000\n");
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    let mut c = Resp::connect(&px.addr());
+    assert_eq!(s(c.cmd(&["SET", "k", "v0"])), "+OK\r\n");
+    let metric = |name: &str| -> f64 {
+        let (_, body) = px.admin_get("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+    };
+    let (l1_misses, l2_hits, l2_misses) = (
+        "tierproxy_cache_misses_total{level=\"l1\"}",
+        "tierproxy_cache_hits_total{level=\"l2\"}",
+        "tierproxy_cache_misses_total{level=\"l2\"}",
+    );
+    let before = [l1_misses, l2_hits, l2_misses].map(metric);
+    // Three reads of k and two of a missing key: none admitted (4 reads), all forwarded.
+    let reads: &[(&[&str], &str)] = &[
+        (&["GET", "k"], "$2\r\nv0\r\n"),
+        (&["GET", "none"], "$-1\r\n"),
+        (&["GET", "k"], "$2\r\nv0\r\n"),
+        (&["GET", "none"], "$-1\r\n"),
+        (&["GET", "k"], "$2\r\nv0\r\n"),
+    ];
+    let cmds: Vec<&[&str]> = reads.iter().map(|(cmd, _)| *cmd).collect();
+    c.send_raw(&support::encode_pipeline(&cmds));
+    for (cmd, want) in reads {
+        assert_eq!(s(c.read_reply()), *want, "{cmd:?}");
+    }
+    let after = [l1_misses, l2_hits, l2_misses].map(metric);
+    assert_eq!(after[0] - before[0], 5.0, "L1 misses");
+    assert_eq!(after[1] - before[1], 3.0, "L2 hits");
+    assert_eq!(after[2] - before[2], 2.0, "L2 misses");
+    assert!(!cached(&mut c, "k"), "not admitted yet");
+    // The fourth read admits and fills.
+    assert_eq!(s(c.cmd(&["GET", "k"])), "$2\r\nv0\r\n");
+    assert!(cached(&mut c, "k"));
+    let writes: &[(&[&str], &str)] = &[
+        (&["GET", "k"], "$2\r\nv0\r\n"), // a hit
+        (&["SET", "k", "v1"], "+OK\r\n"),
+        (&["GET", "k"], "$2\r\nv1\r\n"), // being written: forwarded behind it
+        (&["APPEND", "k", "x"], ":3\r\n"),
+        (&["GET", "k"], "$3\r\nv1x\r\n"),
+        (&["STRLEN", "k"], ":3\r\n"),
+    ];
+    let cmds: Vec<&[&str]> = writes.iter().map(|(cmd, _)| *cmd).collect();
+    c.send_raw(&support::encode_pipeline(&cmds));
+    for (cmd, want) in writes {
+        assert_eq!(s(c.read_reply()), *want, "{cmd:?}");
+    }
+    // The writes are in: the next read fills with the last value, the one after hits.
+    assert_eq!(s(c.cmd(&["GET", "k"])), "$3\r\nv1x\r\n");
+    assert!(cached(&mut c, "k"));
+    let hits = stat(&mut c, "l1_hits");
+    assert_eq!(s(c.cmd(&["GET", "k"])), "$3\r\nv1x\r\n");
+    assert_eq!(stat(&mut c, "l1_hits") - hits, 1);
 }
 
 fn rss_kib(pid: u32) -> i64 {

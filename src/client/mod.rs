@@ -19,6 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::metrics::{CmdStat, Level, Outcome};
 use crate::parse::request::{parse_batch, Limits, ParseState};
 use crate::respond::Value;
+use crate::route::cache::LaneRead;
 use crate::route::{self, Pending};
 use crate::Proxy;
 use session::{ReplyMode, Session};
@@ -150,6 +151,12 @@ struct Queued {
     started: Instant,
     /// The request, kept only while the slow log is on, for its entry.
     raw: Option<bytes::Bytes>,
+    /// An L1 miss the fast lane forwarded as it is: its reply counts as an L2 hit or
+    /// miss (the ordinary path counts its own).
+    l1_miss: bool,
+    /// A fast-lane write's keys, marked as being written (L1 on): released once its
+    /// reply is in, before the client can see it.
+    guard: Option<crate::l1::WriteGuard>,
 }
 
 /// Counts a reply that was resolved: commandstats, the duration histogram, the slow log.
@@ -163,6 +170,9 @@ fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool, no
     if let Some(e) = error {
         px.stats.errors.fetch_add(1, Ordering::Relaxed);
         crate::metrics::count_error(e);
+    }
+    if let (true, Some(l1), Value::Raw(reply)) = (q.l1_miss, &px.l1, v) {
+        route::cache::count_l2(l1, reply);
     }
     let micros = now.saturating_duration_since(q.started).as_micros() as u64;
     let level = if crate::metrics::take_store_read() {
@@ -361,7 +371,7 @@ where
         let before = sess.reply_mode;
         let raw = px.slowlog.enabled().then(|| req.raw.clone());
         let p = route::dispatch(px, sess, req).await;
-        sess.l1_missed = false;
+        sess.l1_missed = None;
         crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
         let silent = if is_client_reply {
             sess.reply_mode != ReplyMode::On
@@ -388,6 +398,8 @@ where
             rejected,
             started,
             raw,
+            l1_miss: false,
+            guard: None,
         });
         if barrier {
             if !drain(px, io, &mut client_gone, sess).await? {
@@ -428,8 +440,11 @@ where
 ///   commands for one node keep their order on its connection, as they do there.
 /// - reads that L1 answers are answered here: written straight to the output while
 ///   nothing before them is pending (nothing to queue, no reference to the cached reply
-///   taken), queued behind the pending ones otherwise. An L1 miss ends the run: the
-///   ordinary path admits and fills.
+///   taken), queued behind the pending ones otherwise. A miss whose key is not admitted
+///   or is being written is forwarded with the others; a miss to fill ends the run (the
+///   ordinary path reads, merges and fills).
+/// - with L1 on, a write marks its keys as being written before it is sent, until its
+///   reply is in (`Queued::guard`), as the ordinary path's `cache::after_write` does.
 async fn forward_group<R, W, I>(
     px: &Arc<Proxy>,
     sess: &mut Session,
@@ -473,6 +488,10 @@ async fn forward_group<R, W, I>(
             group: usize,
             target: crate::upstream::Target,
             values: bool,
+            /// An L1 miss forwarded as it is: its reply counts as an L2 hit or miss.
+            l1_miss: bool,
+            /// A write's keys, marked until its reply is in.
+            guard: Option<crate::l1::WriteGuard>,
         },
         /// L1's reply, behind pending ones.
         Hit(bytes::Bytes),
@@ -489,57 +508,79 @@ async fn forward_group<R, W, I>(
     let now = Instant::now();
     let mut last_info = None;
     while let Some(plan) = next.take() {
+        let mut target = plan.target;
+        let mut l1_miss = false;
         if plan.cached {
             let (Some(l1), Some(req)) = (&px.l1, reqs.peek()) else {
                 break;
             };
             let direct = io.pending.is_empty() && planned.is_empty() && io.out.len() < out_limit;
             let out = &mut io.out;
-            let served = if direct {
-                route::cache::lane_hit(px, sess, l1, plan.info, req, now, |r| {
-                    out.extend_from_slice(r)
+            // Written out now (`None`), or a reference to queue.
+            let read = if direct {
+                route::cache::lane_read(px, sess, l1, plan.info, req, now, |r| {
+                    out.extend_from_slice(r);
+                    None
                 })
-                .map(|()| None)
             } else {
-                route::cache::lane_hit(px, sess, l1, plan.info, req, now, Clone::clone).map(Some)
+                route::cache::lane_read(px, sess, l1, plan.info, req, now, |r| Some(r.clone()))
             };
-            let Some(served) = served else {
-                // The ordinary path takes the miss (admission, fill) without a second
-                // lookup.
-                sess.l1_missed = true;
-                break;
-            };
-            let Some(req) = reqs.next() else { break };
-            match served {
-                None => written.add(plan.info.stat, slowlog.then_some(req.raw)),
-                Some(reply) => {
-                    queued_hits += 1;
-                    planned.push((plan.info, req, Planned::Hit(reply)));
+            match read {
+                LaneRead::Hit(served) => {
+                    let Some(req) = reqs.next() else { break };
+                    match served {
+                        None => written.add(plan.info.stat, slowlog.then_some(req.raw)),
+                        Some(reply) => {
+                            queued_hits += 1;
+                            planned.push((plan.info, req, Planned::Hit(reply)));
+                        }
+                    }
+                    last_info = Some(plan.info);
+                    next = plan_next(reqs, sess);
+                    continue;
+                }
+                // Forwarded with the run's other commands for its node.
+                LaneRead::Forward(t) => {
+                    target = t;
+                    l1_miss = true;
+                }
+                // The ordinary path takes the miss (fill) without a second lookup.
+                LaneRead::Ordinary { missed } => {
+                    sess.l1_missed = missed.then_some(true);
+                    break;
                 }
             }
-            last_info = Some(plan.info);
-            next = plan_next(reqs, sess);
-            continue;
         }
-        let Some(at) = node_of(&plan.target) else {
+        let at = node_of(&target);
+        let g = at.and_then(|at| nodes.iter().position(|n| n.node == at));
+        let (Some(at), false) = (at, g.is_some_and(|g| nodes[g].data.len() >= GROUP_BYTES)) else {
+            if l1_miss {
+                // Looked up, counted, and not to be filled: the ordinary path reads it
+                // as it is.
+                sess.l1_missed = Some(false);
+            }
             break;
         };
-        let g = nodes.iter().position(|n| n.node == at);
-        if g.is_some_and(|g| nodes[g].data.len() >= GROUP_BYTES) {
-            break;
-        }
         let Some(req) = reqs.next() else { break };
         let g = match g {
             Some(g) => g,
             None => {
                 nodes.push(ForNode {
                     node: at,
-                    target: plan.target.clone(),
+                    target: target.clone(),
                     data: BytesMut::new(),
                     count: 0,
                 });
                 nodes.len() - 1
             }
+        };
+        // Marked from before it is sent until its reply is in (dropped in `drain`).
+        let guard = match (&px.l1, plan.writes) {
+            (Some(l1), true) => {
+                let keys = plan.info.key_indices(&req.args);
+                Some(l1.begin_write(keys.into_iter().map(|i| req.args[i].clone()).collect()))
+            }
+            _ => None,
         };
         nodes[g].data.extend_from_slice(&req.raw);
         nodes[g].count += 1;
@@ -549,8 +590,10 @@ async fn forward_group<R, W, I>(
             req,
             Planned::Node {
                 group: g,
-                target: plan.target,
+                target,
                 values: plan.values,
+                l1_miss,
+                guard,
             },
         ));
         next = plan_next(reqs, sess);
@@ -593,12 +636,14 @@ async fn forward_group<R, W, I>(
     crate::metrics::INFLIGHT_NOW.fetch_add(planned.len() as i64, Ordering::Relaxed);
     for (info, req, planned) in planned {
         let raw = slowlog.then(|| req.raw.clone());
-        let (p, level) = match planned {
-            Planned::Hit(reply) => (Pending::Ready(Value::Raw(reply)), Level::L1),
+        let (p, level, l1_miss, guard) = match planned {
+            Planned::Hit(reply) => (Pending::Ready(Value::Raw(reply)), Level::L1, false, None),
             Planned::Node {
                 group,
                 target,
                 values,
+                l1_miss,
+                guard,
             } => {
                 let member = route::Member {
                     target,
@@ -621,7 +666,7 @@ async fn forward_group<R, W, I>(
                         }
                     }
                 };
-                (p, Level::L2)
+                (p, Level::L2, l1_miss, guard)
             }
         };
         io.pending.push(Queued {
@@ -633,6 +678,8 @@ async fn forward_group<R, W, I>(
             rejected: false,
             started,
             raw,
+            l1_miss,
+            guard,
         });
     }
 }
@@ -892,6 +939,8 @@ where
             crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return Ok(false);
         };
+        // The write is acknowledged: reads may fill again (see `L1::begin_write`).
+        drop(q.guard.take());
         let now = now_known.unwrap_or_else(Instant::now);
         account(px, &q, &v, sess, blocking, now);
         prev_done = Some(now);

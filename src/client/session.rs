@@ -137,9 +137,11 @@ pub struct Session {
     pub level: crate::metrics::Level,
     /// The key namespace of the user (see [`crate::route::namespace`]); None: none.
     pub namespace: Option<bytes::Bytes>,
-    /// The fast lane looked the next command up in L1 and missed: the ordinary path
-    /// goes upstream without looking again. Cleared once that command is dispatched.
-    pub l1_missed: bool,
+    /// The fast lane looked the next command up in L1 and missed (counted); `true`: its
+    /// key was admitted, to be read and filled; `false`: to be read as it is. The
+    /// ordinary path neither looks nor counts again. Cleared once that command is
+    /// dispatched.
+    pub l1_missed: Option<bool>,
 }
 
 /// A configured namespace as the session holds it: `""` is none.
@@ -164,7 +166,7 @@ impl Session {
             cmd_stat: None,
             level: crate::metrics::Level::L2,
             namespace: None,
-            l1_missed: false,
+            l1_missed: None,
         }
     }
 

@@ -104,6 +104,9 @@ pub struct Lane {
     pub values: bool,
     /// A read L1 caches: answered from L1 when it hits there (L1 is on).
     pub cached: bool,
+    /// A write, L1 on: its keys are marked as being written from before it is sent
+    /// until its reply is in (`L1::begin_write`).
+    pub writes: bool,
 }
 
 impl CommandInfo {

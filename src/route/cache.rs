@@ -146,10 +146,22 @@ fn signature(proto: Proto, args: &[Bytes]) -> Bytes {
     sig.freeze()
 }
 
-/// The fast lane's L1 lookup (see `route::plan_forward`): whether L1 holds the reply
-/// to this read of one key; if so `take` was given it. Counts nothing: the lane counts
-/// its hits, and a miss takes the ordinary path, which counts it there.
-pub fn lane_hit<R>(
+/// What the fast lane's L1 lookup found ([`lane_read`]).
+pub enum LaneRead<R> {
+    /// L1 held the reply; `take` was given it.
+    Hit(R),
+    /// A miss that is forwarded as it is, to the key's slot: the key is not (yet) hot
+    /// enough to cache, or a write of it through this proxy is in flight (a fill would
+    /// be refused). Counted as a miss here; the reply counts as an L2 hit or miss.
+    Forward(Target),
+    /// For the ordinary path: a miss to read and fill (`missed`: admitted, counted), or
+    /// not looked up (not one read of one key; `l1.serve_stale_on_error`).
+    Ordinary { missed: bool },
+}
+
+/// The fast lane's L1 lookup (see `route::plan_forward`) of a read of one key: a hit,
+/// or how the miss is taken. Counts misses; the lane counts its hits.
+pub fn lane_read<R>(
     px: &Arc<Proxy>,
     sess: &Session,
     l1: &Arc<L1>,
@@ -157,7 +169,7 @@ pub fn lane_hit<R>(
     req: &Request,
     now: std::time::Instant,
     take: impl FnOnce(&Bytes) -> R,
-) -> Option<R> {
+) -> LaneRead<R> {
     let args = &req.args;
     let (mut key, mut keys) = (0, 0);
     info.for_each_key(args, |i| {
@@ -165,23 +177,30 @@ pub fn lane_hit<R>(
         keys += 1;
     });
     if keys != 1 {
-        return None;
+        return LaneRead::Ordinary { missed: false };
     }
+    let key = &args[key];
     let proto = sess.proto;
     let matches = |s: &[u8]| {
         raw_matches(s, proto, &req.raw, args[0].len()) || signature_matches(s, proto, args)
     };
-    let (r, refresh) = l1.lookup_with(&args[key], now, matches, take)?;
-    if refresh {
-        refresh_ahead(
-            px,
-            l1,
-            args[key].clone(),
-            signature(proto, args),
-            sess.hint(),
-        );
+    if let Some((r, refresh)) = l1.lookup_with(key, now, matches, take) {
+        if refresh {
+            refresh_ahead(px, l1, key.clone(), signature(proto, args), sess.hint());
+        }
+        return LaneRead::Hit(r);
     }
-    Some(r)
+    // Serving stale on an upstream error is the ordinary path's: it looks again.
+    if l1.serves_stale() {
+        return LaneRead::Ordinary { missed: false };
+    }
+    l1.stats
+        .misses
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if l1.being_written(key) || !l1.admit(key) {
+        return LaneRead::Forward(Target::Slot(crate::upstream::key_slot(key)));
+    }
+    LaneRead::Ordinary { missed: true }
 }
 
 /// MGET of several keys: each key is a cached GET (an MGET element is byte for byte the
@@ -230,12 +249,10 @@ pub async fn read(
     let matches = |s: &[u8]| {
         raw_matches(s, proto, &req.raw, req.args[0].len()) || signature_matches(s, proto, &req.args)
     };
-    let hit = if std::mem::take(&mut sess.l1_missed) {
-        // Looked up a moment ago by the fast lane: a miss (going upstream is always
-        // right; only the counting is left).
-        l1.stats
-            .misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Looked up, counted and admitted a moment ago by the fast lane: a miss (going
+    // upstream is always right).
+    let lane_missed = sess.l1_missed.take();
+    let hit = if lane_missed.is_some() {
         None
     } else {
         l1.get(&key, matches)
@@ -249,7 +266,9 @@ pub async fn read(
     }
     let target = Target::Slot(crate::upstream::key_slot(&key));
     let sig = signature(proto, &req.args);
-    if !l1.admit(&key) {
+    // Not hot enough to cache, or being written through this proxy (the fill would be
+    // refused): read as it is, without the PTTL.
+    if l1.being_written(&key) || !lane_missed.unwrap_or_else(|| l1.admit(&key)) {
         let ticket = px.upstream.start(target, req.raw, proto, hint).await;
         let (px, l1) = (px.clone(), l1.clone());
         return Pending::Later(Box::pin(async move {
@@ -538,7 +557,7 @@ async fn unspill(
 }
 
 /// L2 (Redis) hit or miss for a read L1 could not answer: a nil reply is a miss.
-fn count_l2(l1: &L1, reply: &[u8]) {
+pub fn count_l2(l1: &L1, reply: &[u8]) {
     let nil = matches!(reply, b"$-1\r\n" | b"*-1\r\n" | b"_\r\n");
     let c = if nil {
         &l1.stats.l2_misses

@@ -111,14 +111,18 @@ pub struct Plan<'t> {
     pub info: &'t Arc<crate::parse::table::CommandInfo>,
     pub target: Target,
     pub values: bool,
-    /// A read to answer from L1 if it holds the reply ([`cache::lane_hit`]); a miss
-    /// takes the ordinary path.
+    /// A read to answer from L1 if it holds the reply ([`cache::lane_read`]); a miss
+    /// is forwarded (to its key's slot, not `target`) or takes the ordinary path.
     pub cached: bool,
+    /// A write with L1 on: its keys must be marked written until its reply is in
+    /// ([`crate::l1::L1::begin_write`]).
+    pub writes: bool,
 }
 
 /// The fast lane for the commonest requests: a command that [`dispatch`] would only
 /// forward as it is (no spill write, no namespace, no transaction, no subscription, no
-/// script bookkeeping, no L1 invalidation), or a read that L1 answers, is planned here
+/// script bookkeeping; with L1 on, a write marks its keys), or a read that L1 answers,
+/// is planned here
 /// instead, so the client loop can send a run of them to one node as one group, with
 /// one reply hand-over for all, and write L1's answers without a future per command.
 /// `None`: the command takes the ordinary path.
@@ -148,8 +152,9 @@ pub fn plan_forward<'t>(
         return Some(Plan {
             info,
             target: Target::Any,
-            values: false,
+            values: lane.values,
             cached: true,
+            writes: false,
         });
     }
     // CROSSSLOT is the ordinary path's to report.
@@ -159,14 +164,16 @@ pub fn plan_forward<'t>(
         target,
         values: lane.values,
         cached: false,
+        writes: lane.writes,
     })
 }
 
 /// Whether `dispatch` would only forward `info` as it is (given an arity that fits), or
-/// with L1 on, answer it from L1 on a hit: how the lane takes it, or `None` for the
-/// commands it handles before routing by policy (transactions, the proxy's own
-/// commands, the spill store's), with their own bookkeeping (scripts, PUBLISH), or that
-/// invalidate L1 (writes). Fixed per command and process, so decided once.
+/// with L1 on, answer it from L1 on a hit or mark the keys it writes: how the lane
+/// takes it, or `None` for the commands it handles before routing by policy
+/// (transactions, the proxy's own commands, the spill store's), with their own
+/// bookkeeping (scripts, PUBLISH), or that flush L1. Fixed per command and process, so
+/// decided once.
 fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<Lane> {
     let name = info.name.as_str();
     let spill = px.spill.is_some();
@@ -180,12 +187,13 @@ fn lane_of(px: &Proxy, info: &crate::parse::table::CommandInfo) -> Option<Lane> 
     ) || matches!(name, "multi" | "exec" | "discard" | "watch" | "unwatch")
         || local::local_arity(name).is_some()
         || (spill && spill::intercepts(name, argc))
-        || (px.l1.is_some() && info.may_write());
+        || matches!(name, "flushall" | "flushdb");
     // With L1 on, a cacheable read (MGET's policy is its own, so it is not here).
     let cached = px.l1.is_some() && cache::cacheable(name);
     (info.policy == Policy::Forward && !own).then_some(Lane {
         values: spill && spill::returns_values(name),
         cached,
+        writes: px.l1.is_some() && info.may_write(),
     })
 }
 
