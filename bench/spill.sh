@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Spill benchmark (issue 5): Redis memory for 100 x 5 MiB values written directly vs
 # through tierproxy (spilled), store latency, and GET throughput of a spilled 5 MiB value
-# with L1 off and on, for the local-directory store and S3 (moto on loopback).
+# with L1 off and on, for the local-directory store and S3 (moto on loopback); and
+# redis-benchmark GET of a 1 MiB value, direct against spilled (issue 9, target 5).
 # Usage: cargo build --release && bench/spill.sh      (needs redis-server, python3 + redis, moto[server])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -99,6 +100,37 @@ for name, port in [("local dir", dir_off), ("S3 (moto)", s3_off)]:
     lines.append(f"\nStore latency, {name}: mean {info['spill_store_avg_ms']} ms over {info['spill_store_ops']} calls.")
 print("\n".join(lines))
 PY
+# Issue 9, target 5: redis-benchmark GET of one 1 MiB value, -c 4, direct Redis (the
+# value in Redis) against tierproxy (spilled: L1 on = a hot value served from L1, L1 off =
+# read from the local-directory store every time). Each target first SETs the value
+# itself (redis-benchmark's key is the same for all), rounds interleaved, medians.
+ROUNDS=${ROUNDS:-3}
+declare -A BOPS BP99
+for round in $(seq "$ROUNDS"); do
+    for t in direct on off; do
+        case $t in direct) p=$RP ;; on) p=$DIR_ON ;; off) p=$DIR_OFF ;; esac
+        redis-benchmark -p "$p" -t set -d 1048576 -n 4 -c 1 -q >/dev/null 2>&1
+        csv=$(timeout 300 redis-benchmark -p "$p" -t get -d 1048576 -n 3000 -c 4 --csv 2>/dev/null | grep '"GET"' | tail -1)
+        BOPS[$t]+="$(echo "$csv" | cut -d, -f2 | tr -d '"') "
+        BP99[$t]+="$(echo "$csv" | cut -d, -f7 | tr -d '"') "
+    done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+{
+    echo
+    echo "## redis-benchmark GET of one 1 MiB value, -c 4, n=3000, $ROUNDS rounds (medians)"
+    echo
+    echo "| target | GET/s | p99 ms | vs direct |"
+    echo "|---|---:|---:|---:|"
+    d=$(echo "${BOPS[direct]}" | median)
+    for t in direct on off; do
+        case $t in direct) name="Redis directly (value in Redis)" ;; on) name="tierproxy, spilled, L1 on (hot)" ;; off) name="tierproxy, spilled, L1 off (store read each time)" ;; esac
+        o=$(echo "${BOPS[$t]}" | median)
+        echo "| $name | $o | $(echo "${BP99[$t]}" | median) | $(python3 -c "print(f'{$o/$d:.2f}')") |"
+    done
+    echo
+    echo "Runs (GET/s): direct ${BOPS[direct]}; L1 on ${BOPS[on]}; L1 off ${BOPS[off]}"
+} >>"$TMP/report.md"
 {
     echo "# Spill benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo

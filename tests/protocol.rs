@@ -151,6 +151,38 @@ fn pipeline_of_1000_commands_keeps_order() {
     }
 }
 
+/// Large replies are written from their own buffers, between the small ones around
+/// them: the order and the bytes are the pipeline's.
+#[test]
+fn large_replies_keep_their_place_in_a_pipeline() {
+    let mut c = conn();
+    let t = tag("large");
+    let (small, big) = (format!("{t}small"), format!("{t}big"));
+    let big_value: String = (0..300 * 1024)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    assert_eq!(s(c.cmd(&["SET", &small, "s"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["SET", &big, &big_value])), "+OK\r\n");
+    let big_reply = format!("${}\r\n{big_value}\r\n", big_value.len());
+    let mut batch = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let k = if i % 3 == 1 { &big } else { &small };
+        batch.extend(support::encode_cmd(&[b"GET", k.as_bytes()]));
+        want.push(if k == &big {
+            big_reply.clone()
+        } else {
+            "$1\r\ns\r\n".to_string()
+        });
+        batch.extend(support::encode_cmd(&[b"PING"]));
+        want.push("+PONG\r\n".to_string());
+    }
+    c.send_raw(&batch);
+    for (i, w) in want.iter().enumerate() {
+        assert!(s(c.read_reply()) == *w, "reply #{i} differs");
+    }
+}
+
 #[test]
 fn malformed_frame_closes_only_that_connection() {
     let mut other = conn();

@@ -30,6 +30,8 @@ const READ_CHUNK: usize = 16 * 1024;
 const SMALL_READ: usize = 1024;
 /// A reply buffer larger than this is given back after it is written.
 const KEEP_OUT: usize = 64 * 1024;
+/// Replies this large are written from their own buffer, not copied into the output.
+const LARGE_REPLY: usize = 64 * 1024;
 
 /// Accepts until `shutdown` flips, then returns (open connections finish on their own).
 pub async fn accept_loop(
@@ -519,6 +521,10 @@ async fn forward_group<R, W, I>(
             // Written out now (`None`), or a reference to queue.
             let read = if direct {
                 route::cache::lane_read(px, sess, l1, plan.info, req, now, |r| {
+                    if r.len() >= LARGE_REPLY {
+                        // Queued, to be written from where it lies (see `drain`).
+                        return Some(r.clone());
+                    }
                     out.extend_from_slice(r);
                     None
                 })
@@ -948,8 +954,23 @@ where
         if let Some(o) = outbox {
             o.drain_into(out);
         }
-        if !q.silent {
-            v.encode(q.proto, out);
+        match &v {
+            _ if q.silent => {}
+            // A large reply (a spilled value, a big hash) goes out from its own buffer
+            // after what is buffered: not copied into the output.
+            Value::Raw(b) if b.len() >= LARGE_REPLY && outbox.is_none() => {
+                let sent = async {
+                    write_out(wr, out, None, stall).await?;
+                    write_all_watched(wr, b, stall).await
+                };
+                if let Err(e) = sent.await {
+                    crate::metrics::INFLIGHT_NOW
+                        .fetch_sub((total - i - 1) as i64, Ordering::Relaxed);
+                    return Err(e);
+                }
+                continue;
+            }
+            v => v.encode(q.proto, out),
         }
         if out.len() >= out_limit {
             if let Err(e) = write_out(wr, out, outbox, stall).await {
