@@ -73,9 +73,18 @@ pub struct Cached {
     reads: AtomicU32,
     /// A refresh-ahead of it is in flight: one per reply at a time.
     refreshing: AtomicBool,
+    /// Set by its fill once no invalidation is found to have raced the insert: until
+    /// then it is in moka but not served (a write that went through entirely between
+    /// the fill's first check and its insert would otherwise be read over).
+    confirmed: AtomicBool,
 }
 
 impl Cached {
+    /// Whether it may be served: confirmed by its fill and not expired.
+    fn servable(&self, now: Instant) -> bool {
+        self.expires_at > now && self.confirmed.load(Ordering::Acquire)
+    }
+
     fn new(sig: Bytes, reply: Bytes, now: Instant, ttl: Duration) -> Cached {
         Cached {
             sig,
@@ -84,6 +93,7 @@ impl Cached {
             ttl,
             reads: AtomicU32::new(0),
             refreshing: AtomicBool::new(false),
+            confirmed: AtomicBool::new(false),
         }
     }
 }
@@ -150,8 +160,10 @@ struct FrontEntry {
     key_expires_at: Instant,
     sig: Bytes,
     reply: Bytes,
-    /// For removal and displacement only.
-    key: Bytes,
+    /// Its key's full hash, for removal and displacement (not the key: a copy of it
+    /// would be memory outside moka's budget). Keys whose hashes collide in all 64 bits
+    /// may take each other's entry out: a lost hit, never a wrong one.
+    hash: u64,
     /// The reply's refresh-ahead bookkeeping, read only inside its refresh window.
     cached: Arc<Cached>,
 }
@@ -169,11 +181,11 @@ impl Front {
         &self.slots[hash as usize & (self.slots.len() - 1)]
     }
 
-    /// Drops `key`'s entry, if its slot holds it.
-    fn remove(&self, hash: u64, key: &[u8]) {
+    /// Drops the entry of the key with this hash, if its slot holds it.
+    fn remove(&self, hash: u64) {
         let slot = self.slot(hash);
         let cur = slot.load();
-        if cur.as_ref().is_some_and(|f| f.key == key) {
+        if cur.as_ref().is_some_and(|f| f.hash == hash) {
             slot.compare_and_swap(&*cur, None);
         }
     }
@@ -227,7 +239,7 @@ fn build_cache(
             // Replaced: the front's copy is still right (a fill adds replies); the next
             // read from moka takes the new one.
             if cause != RemovalCause::Replaced {
-                front.remove(hash_of(&hasher, &k), &k);
+                front.remove(hash_of(&hasher, &k));
             }
         })
         // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
@@ -633,7 +645,7 @@ impl L1 {
                 // Gone from moka (an eviction whose notice is on its way): the front
                 // lets it go too.
                 if one_in(FRONT_TOUCH_EVERY) && self.cache().get(key).is_none() {
-                    self.front.remove(hash, key);
+                    self.front.remove(hash);
                 }
                 return Some((take(&f.reply), self.refresh_due(&f.cached, now)));
             }
@@ -646,7 +658,7 @@ impl L1 {
         let c = e
             .replies
             .iter()
-            .find(|c| c.expires_at > now && matches(&c.sig))?;
+            .find(|c| c.servable(now) && matches(&c.sig))?;
         let hit = (take(&c.reply), self.refresh_due(c, now));
         self.enter_front(hash, gen, key, &e, c, now);
         Some(hit)
@@ -668,10 +680,16 @@ impl L1 {
             return;
         }
         let slot = self.front.slot(hash);
+        // Another key's entry that is still servable (its generation is this one's
+        // bucket's: slot and bucket come from the same hash bits).
         let keep = slot.load().as_ref().is_some_and(|f| {
-            f.epoch == e.epoch
+            f.hash != hash
+                && f.gen
+                    == self.buckets[hash as usize & (GEN_BUCKETS - 1)]
+                        .gen
+                        .load(Ordering::SeqCst)
+                && f.epoch == e.epoch
                 && f.key_expires_at > now
-                && f.key != key
                 && !one_in(FRONT_DISPLACE_EVERY)
         });
         if !keep {
@@ -682,12 +700,12 @@ impl L1 {
                 key_expires_at: e.expires_at,
                 sig: c.sig.clone(),
                 reply: c.reply.clone(),
-                key: Bytes::copy_from_slice(key),
+                hash,
                 cached: c.clone(),
             })));
             // Evicted meanwhile, its notice already run: not kept beyond moka's budget.
             if !self.cache().contains_key(key) {
-                self.front.remove(hash, key);
+                self.front.remove(hash);
             }
         }
     }
@@ -811,10 +829,12 @@ impl L1 {
             self.buckets[token.bucket]
                 .gen
                 .fetch_add(1, Ordering::SeqCst);
-            self.front.remove(hash_of(&self.hasher, &key), &key);
+            self.front.remove(hash_of(&self.hasher, &key));
             self.stats.fills_raced.fetch_add(1, Ordering::Relaxed);
             return false;
         }
+        filled.confirmed.store(true, Ordering::Release);
+        drop(cache);
         // Servable from the front while the generation is the token's: an invalidation
         // from here on bumps it.
         self.enter_front(
@@ -862,7 +882,7 @@ impl L1 {
         // Again after the removal: a lookup that read moka before it read the
         // generation before this, so what it put in the front is never served.
         self.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
-        self.front.remove(hash, key);
+        self.front.remove(hash);
         self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -902,7 +922,7 @@ impl L1 {
         let found = self.cache().get(key).and_then(|e| {
             e.replies
                 .iter()
-                .find(|c| c.expires_at > now && matches(&c.sig))
+                .find(|c| c.servable(now) && matches(&c.sig))
                 .map(|c| c.reply.clone())
         });
         if found.is_some() {
@@ -931,7 +951,7 @@ impl L1 {
         self.cache().get(key).map(|e| {
             e.replies
                 .iter()
-                .filter(|c| c.expires_at > now)
+                .filter(|c| c.servable(now))
                 .map(|c| {
                     (
                         c.sig.clone(),
