@@ -21,6 +21,27 @@ fn config(body: &str) -> tempfile::NamedTempFile {
     f
 }
 
+/// A proxy in front of one standalone `redis` with the given config file body; the file
+/// is returned too, to live as long as the proxy.
+fn standalone_proxy(redis: &support::RedisServer, body: &str) -> (tempfile::NamedTempFile, Proxy) {
+    let cfg = config(body);
+    let px = Proxy::start(
+        &[redis.addr()],
+        &["--config", cfg.path().to_str().unwrap()],
+        &[],
+    );
+    (cfg, px)
+}
+
+/// The value of the Prometheus sample whose line starts with `name` in `body`.
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+}
+
 fn l1_proxy(extra: &str) -> Proxy {
     let cfg = config(&format!(
         "[l1]\nenabled = true\nadmit_after_reads = 1\n{extra}"
@@ -70,12 +91,7 @@ fn direct(args: &[&str]) -> String {
 fn hits_are_served_without_upstream_calls_and_admission_waits_for_hot_keys() {
     // A server of its own, so that its command counters see only this test.
     let redis = support::RedisServer::start();
-    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 3\n");
-    let px = Proxy::start(
-        &[redis.addr()],
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let (_cfg, px) = standalone_proxy(&redis, "[l1]\nenabled = true\nadmit_after_reads = 3\n");
     let get_calls = || support::command_calls(&mut Resp::connect(&redis.addr()), "get");
     let mut c = Resp::connect(&px.addr());
     let k = format!("{}hot", tag("admit"));
@@ -684,13 +700,7 @@ fn prometheus_counts_hits_and_misses_by_level() {
     c.cmd(&["GET", &missing]);
     let (status, body) = px.admin_get("/metrics");
     assert_eq!(status, 200, "{body}");
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
-    };
+    let value = |name: &str| metric(&body, name);
     assert_eq!(value("tierproxy_cache_hits_total{level=\"l1\"}"), 4.0);
     // One miss for the first GET of k, and one for the missing key (cached as nil too).
     assert_eq!(value("tierproxy_cache_misses_total{level=\"l1\"}"), 2.0);
@@ -769,12 +779,7 @@ fn a_pipelined_read_after_a_write_sees_it_despite_concurrent_readers() {
 #[test]
 fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
     let redis = support::RedisServer::start();
-    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\n[slowlog]\nlog_slower_than_us = 0\nmax_len = 1000\n");
-    let px = Proxy::start(
-        &[redis.addr()],
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
-    );
+    let (_cfg, px) = standalone_proxy(&redis, "[l1]\nenabled = true\nadmit_after_reads = 1\n[slowlog]\nlog_slower_than_us = 0\nmax_len = 1000\n");
     let upstream_calls = |cmd: &str| support::command_calls(&mut Resp::connect(&redis.addr()), cmd);
     let mut c = Resp::connect(&px.addr());
     for (k, v) in [("h1", "one"), ("h2", "two"), ("p", "plain")] {
@@ -827,28 +832,19 @@ fn pipelined_hits_keep_their_place_among_forwarded_replies_and_are_counted() {
 #[test]
 fn lane_misses_are_counted_and_writes_keep_the_pipeline_s_order() {
     let redis = support::RedisServer::start();
-    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 4\nadmit_window_ms = 60000\n");
-    let px = Proxy::start(
-        &[redis.addr()],
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
+    let (_cfg, px) = standalone_proxy(
+        &redis,
+        "[l1]\nenabled = true\nadmit_after_reads = 4\nadmit_window_ms = 60000\n",
     );
     let mut c = Resp::connect(&px.addr());
     assert_eq!(s(c.cmd(&["SET", "k", "v0"])), "+OK\r\n");
-    let metric = |name: &str| -> f64 {
-        let (_, body) = px.admin_get("/metrics");
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
-    };
+    let sample = |name: &str| metric(&px.admin_get("/metrics").1, name);
     let (l1_misses, l2_hits, l2_misses) = (
         "tierproxy_cache_misses_total{level=\"l1\"}",
         "tierproxy_cache_hits_total{level=\"l2\"}",
         "tierproxy_cache_misses_total{level=\"l2\"}",
     );
-    let before = [l1_misses, l2_hits, l2_misses].map(metric);
+    let before = [l1_misses, l2_hits, l2_misses].map(sample);
     // Three reads of k and two of a missing key: none admitted (4 reads), all forwarded.
     let reads: &[(&[&str], &str)] = &[
         (&["GET", "k"], "$2\r\nv0\r\n"),
@@ -862,7 +858,7 @@ fn lane_misses_are_counted_and_writes_keep_the_pipeline_s_order() {
     for (cmd, want) in reads {
         assert_eq!(s(c.read_reply()), *want, "{cmd:?}");
     }
-    let after = [l1_misses, l2_hits, l2_misses].map(metric);
+    let after = [l1_misses, l2_hits, l2_misses].map(sample);
     assert_eq!(after[0] - before[0], 5.0, "L1 misses");
     assert_eq!(after[1] - before[1], 3.0, "L2 hits");
     assert_eq!(after[2] - before[2], 2.0, "L2 misses");
@@ -907,11 +903,9 @@ fn rss_kib(pid: u32) -> i64 {
 #[test]
 fn cached_entries_do_not_keep_read_buffers_alive() {
     let redis = support::RedisServer::start();
-    let cfg = config("[l1]\nenabled = true\nadmit_after_reads = 1\nmax_bytes = 8388608\n");
-    let px = Proxy::start(
-        &[redis.addr()],
-        &["--config", cfg.path().to_str().unwrap()],
-        &[],
+    let (_cfg, px) = standalone_proxy(
+        &redis,
+        "[l1]\nenabled = true\nadmit_after_reads = 1\nmax_bytes = 8388608\n",
     );
     let mut d = Resp::connect(&redis.addr());
     let small = "s".repeat(100);
