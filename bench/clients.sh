@@ -46,7 +46,8 @@ redis-server --bind 127.0.0.1 --port "$RP" --save '' --appendonly no --dir "$TMP
 PIDS+=($!)
 wait_ping "$RP"
 PP=$(free_port)
-printf '[client]\nmaxclients = %d\n' $((IDLE + 1000)) >"$TMP/proxy.toml"
+# Forwarding only (L1 is on by default): this measures connections, not the cache.
+printf '[client]\nmaxclients = %d\n[l1]\nenabled = false\n' $((IDLE + 1000)) >"$TMP/proxy.toml"
 "$BIN" --config "$TMP/proxy.toml" --listen "127.0.0.1:$PP" --admin-listen "" --upstream "127.0.0.1:$RP" \
     >"$TMP/proxy.out" 2>"$TMP/proxy.err" &
 PXPID=$!

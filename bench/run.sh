@@ -26,7 +26,8 @@
 # runs are sized to last about this long, see below), QUICK (0), SKIP_TIERPROXY (0),
 # TIERPROXY_BIN (target/release/tierproxy), BENCH_BUILD (0: 1 = cargo build --release if
 # the binary is missing), NUTCRACKER_SERVER_CONNECTIONS (1), RESULTS_DIR (bench/results),
-# KEEP_TMP (0: 1 = keep the temp dir with all logs).
+# KEEP_TMP (0: 1 = keep the temp dir with all logs), BENCH_L1 (false: tierproxy's L1, which
+# is on by default, is off here because issue 9's forwarding targets are measured without it).
 set -euo pipefail
 export LC_ALL=C
 
@@ -307,8 +308,8 @@ start_tierproxy() { # name dir upstreams -> sets TP_PORT, TP_PID
     pick_port
     admin=$PICKED
     mkdir -p "$dir"
-    "$TIERPROXY" --listen "127.0.0.1:$TP_PORT" --admin-listen "127.0.0.1:$admin" \
-        --upstream "$ups" >"$dir/stdout.log" 2>"$dir/stderr.log" &
+    CACHE_L1_ENABLED=${BENCH_L1:-false} "$TIERPROXY" --listen "127.0.0.1:$TP_PORT" \
+        --admin-listen "127.0.0.1:$admin" --upstream "$ups" >"$dir/stdout.log" 2>"$dir/stderr.log" &
     TP_PID=$!
     PIDS+=("$TP_PID")
     if ! wait_ping_quiet "$TP_PORT" "$TP_PID"; then

@@ -239,7 +239,7 @@ pub struct L1Config {
 impl Default for L1Config {
     fn default() -> Self {
         L1Config {
-            enabled: false,
+            enabled: true,
             max_bytes: DEFAULT_L1_MAX_BYTES,
             max_entries: DEFAULT_L1_MAX_ENTRIES,
             max_value_bytes: DEFAULT_L1_MAX_VALUE_BYTES,
@@ -608,7 +608,12 @@ impl Config {
                 let mut cfg = fig
                     .extract::<Config>()
                     .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
-                cfg.lift_seed_cache()
+                let top = [
+                    fig.contains("l1"),
+                    fig.contains("upstream"),
+                    fig.contains("l3"),
+                ];
+                cfg.lift_seed_cache(top)
                     .map_err(|e| StartError::Config(format!("{}: {e}", path.display())))?;
                 cfg
             }
@@ -639,24 +644,27 @@ impl Config {
 
     /// Moves the seed's `cache:` block (`l1`, `l2`, `l3`) to the top-level sections. A
     /// section given both ways is an error rather than a silent choice.
-    fn lift_seed_cache(&mut self) -> Result<(), String> {
+    /// `top` says whether the file has the top-level `l1`, `upstream` and `l3` sections
+    /// (present, even with default values, is still given twice).
+    fn lift_seed_cache(&mut self, top: [bool; 3]) -> Result<(), String> {
         let Some(block) = self.seed_cache.take() else {
             return Ok(());
         };
+        let [has_l1, has_upstream, has_l3] = top;
         if let Some(l1) = block.l1 {
-            if self.l1 != L1Config::default() {
+            if has_l1 {
                 return Err("both cache.l1 and [l1] are set; keep one".into());
             }
             self.l1 = l1;
         }
         if let Some(l2) = block.l2 {
-            if self.upstream != UpstreamConfig::default() {
+            if has_upstream {
                 return Err("both cache.l2 and [upstream] are set; keep one".into());
             }
             self.upstream = l2;
         }
         if let Some(l3) = block.l3 {
-            if self.l3 != L3Config::default() {
+            if has_l3 {
                 return Err("both cache.l3 and [l3] are set; keep one".into());
             }
             self.l3 = l3;

@@ -12,6 +12,7 @@ use crate::Proxy;
 
 pub const CACHE_HITS: &str = "tierproxy_cache_hits_total";
 pub const CACHE_MISSES: &str = "tierproxy_cache_misses_total";
+pub const L1_ENABLED: &str = "tierproxy_l1_enabled";
 pub const L1_ENTRIES: &str = "tierproxy_l1_entries";
 pub const L1_BYTES: &str = "tierproxy_l1_bytes";
 pub const L1_EVICTIONS: &str = "tierproxy_l1_evictions_total";
@@ -343,6 +344,10 @@ pub fn install() -> Option<PrometheusHandle> {
         CACHE_MISSES,
         "Reads not answered at a cache level (l1: went upstream; l2: nil reply)."
     );
+    describe_gauge!(
+        L1_ENABLED,
+        "1 while L1 caches; 0 when it is configured off or the upstream refused tracking."
+    );
     describe_gauge!(L1_ENTRIES, "Keys held in L1.");
     describe_gauge!(
         L1_BYTES,
@@ -554,6 +559,8 @@ pub fn render(px: &Proxy, handle: &PrometheusHandle) -> String {
         counter!(L2_COMPRESSION_BYTES, "direction" => "stored")
             .absolute(ld(&st.compressed_bytes_stored));
     }
+    let l1_on = px.l1.as_ref().is_some_and(|l1| !l1.is_disabled());
+    gauge!(L1_ENABLED).set(if l1_on { 1.0 } else { 0.0 });
     if let Some(l1) = &px.l1 {
         let st = &l1.stats;
         counter!(CACHE_HITS, "level" => "l1").absolute(ld(&st.hits));

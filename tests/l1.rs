@@ -712,6 +712,66 @@ fn prometheus_counts_hits_and_misses_by_level() {
 }
 
 #[test]
+fn on_by_default_and_off_with_a_reason_when_the_upstream_refuses_tracking() {
+    // The default configuration caches: nothing about L1 in the file.
+    let redis = support::shared_standalone();
+    let (_cfg, px) = standalone_proxy(redis, "");
+    let mut c = Resp::connect(&px.addr());
+    let k = format!("{}default", tag("default"));
+    c.cmd(&["SET", &k, "v"]);
+    for _ in 0..3 {
+        assert_eq!(s(c.cmd(&["GET", &k])), "$1\r\nv\r\n");
+    }
+    let info = s(c.cmd(&["INFO", "l1"]));
+    assert!(info.contains("l1_enabled:1\r\n"), "{info}");
+    assert!(stat(&mut c, "l1_hits") >= 1, "{info}");
+    assert_eq!(
+        metric(&px.admin_get("/metrics").1, "tierproxy_l1_enabled"),
+        1.0
+    );
+
+    // A user without CLIENT TRACKING cannot track keys: caching would be
+    // incoherent, so L1 turns itself off, says why, and every read goes to Redis.
+    let redis = support::RedisServer::start_with_args(&[
+        "--user",
+        "default",
+        "on",
+        "nopass",
+        "~*",
+        "&*",
+        "+@all",
+        "-client|tracking",
+    ]);
+    let (_cfg, px) = standalone_proxy(&redis, "");
+    let mut c = Resp::connect(&px.addr());
+    let mut d = Resp::connect(&redis.addr());
+    assert_eq!(s(c.cmd(&["SET", "k", "one"])), "+OK\r\n");
+    for _ in 0..3 {
+        assert_eq!(s(c.cmd(&["GET", "k"])), "$3\r\none\r\n");
+    }
+    // A write L1 could not hear of is seen at once.
+    assert_eq!(s(d.cmd(&["SET", "k", "two"])), "+OK\r\n");
+    assert_eq!(s(c.cmd(&["GET", "k"])), "$3\r\ntwo\r\n");
+    let info = s(c.cmd(&["INFO", "l1"]));
+    assert!(info.contains("l1_enabled:0\r\n"), "{info}");
+    assert!(
+        info.contains("l1_disabled_reason:") && info.contains("NOPERM"),
+        "{info}"
+    );
+    assert_eq!(stat(&mut c, "l1_hits"), 0, "{info}");
+    assert_eq!(stat(&mut c, "l1_entries"), 0, "{info}");
+    assert_eq!(
+        metric(&px.admin_get("/metrics").1, "tierproxy_l1_enabled"),
+        0.0
+    );
+    assert!(
+        px.stderr_tail().contains("L1 disabled"),
+        "{}",
+        px.stderr_tail()
+    );
+}
+
+#[test]
 fn ttl_coherence_is_bounded_by_max_ttl() {
     let px = l1_proxy("coherence = \"ttl\"\nmax_ttl_ms = 500\n");
     let mut c = Resp::connect(&px.addr());

@@ -324,6 +324,8 @@ pub struct L1 {
     serve_stale: bool,
     /// Set when the backend cannot track keys: L1 then serves and stores nothing.
     disabled: std::sync::atomic::AtomicBool,
+    /// Why it was disabled (for `INFO l1`).
+    disabled_reason: Mutex<String>,
     /// Reads in flight by exact request: later identical misses wait for the first.
     inflight: Mutex<HashMap<Bytes, InFlight>>,
     /// Refresh-ahead: the fraction of a reply's lifetime under which a hit refreshes
@@ -448,6 +450,7 @@ impl L1 {
             serve_stale: cfg.serve_stale_on_error,
             inflight: Mutex::new(HashMap::new()),
             disabled: std::sync::atomic::AtomicBool::new(false),
+            disabled_reason: Mutex::new(String::new()),
             refresh_ratio: AtomicU64::new(cfg.refresh_ahead_ratio.to_bits()),
             refresh_min_reads: AtomicU32::new(cfg.refresh_ahead_min_reads),
             refresh_slots: Arc::new(tokio::sync::Semaphore::new(cfg.refresh_ahead_concurrency)),
@@ -543,6 +546,10 @@ impl L1 {
     /// Turns L1 off for good (the backend refused tracking: caching would be incoherent).
     pub fn disable(&self, why: &str) {
         if !self.disabled.swap(true, Ordering::AcqRel) {
+            *self
+                .disabled_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = why.to_owned();
             tracing::error!(reason = why, "L1 disabled: the upstream cannot track keys; set l1.coherence = \"ttl\" to cache without tracking");
             self.flush("disabled");
         }
@@ -550,6 +557,16 @@ impl L1 {
 
     pub fn is_disabled(&self) -> bool {
         self.disabled.load(Ordering::Acquire)
+    }
+
+    /// The reason given to [`L1::disable`], if it was called.
+    pub fn disabled_reason(&self) -> Option<String> {
+        self.is_disabled().then(|| {
+            self.disabled_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        })
     }
 
     /// Joins an identical read in flight, or becomes its leader. A follower may join

@@ -62,6 +62,10 @@ pub async fn start(
         handshake(&mut rd, &mut wr, &mut buf, Proto::Resp2, &hs, Vec::new()).await?;
         let mut out = BytesMut::new();
         out.extend_from_slice(&command_bytes(&["CLIENT", "ID"]));
+        // Data connections will ask for `CLIENT TRACKING on REDIRECT <id>`: make sure
+        // this user may (ACLs, Redis before 6) before any of them depends on it. Turning
+        // tracking off here changes nothing.
+        out.extend_from_slice(&command_bytes(&["CLIENT", "TRACKING", "off"]));
         let mut sub: Vec<&[u8]> = vec![b"SUBSCRIBE", b"__redis__:invalidate"];
         if let Some(ch) = &l1.event_channel {
             sub.push(ch);
@@ -74,6 +78,10 @@ pub async fn start(
         let id = read_one(&mut rd, &mut buf).await?;
         let id = crate::parse::reply::as_int(&id)
             .ok_or_else(|| UpstreamError::Handshake("CLIENT ID: unexpected reply".into()))?;
+        let probe = read_one(&mut rd, &mut buf).await?;
+        if let Some(err) = crate::parse::reply::error_text(&probe) {
+            return Err(UpstreamError::Handshake(format!("CLIENT TRACKING: {err}")));
+        }
         for _ in 0..confirmations {
             let sub = read_one(&mut rd, &mut buf).await?;
             if crate::parse::reply::is_error(&sub) {

@@ -818,7 +818,14 @@ fn info(px: &Arc<Proxy>, _sess: &Session, a: &[Bytes]) -> Pending {
             out.push_str("# L1\r\n");
             match &px.l1 {
                 Some(l1) => {
-                    out.push_str("l1_enabled:1\r\n");
+                    match l1.disabled_reason() {
+                        // Configured on, but the upstream refused tracking.
+                        Some(why) => out.push_str(&format!(
+                            "l1_enabled:0\r\nl1_disabled_reason:{}\r\n",
+                            why.replace(['\r', '\n'], " ")
+                        )),
+                        None => out.push_str("l1_enabled:1\r\n"),
+                    }
                     let mode = match l1.coherence {
                         crate::l1::Coherence::Tracking => "tracking",
                         crate::l1::Coherence::Ttl => "ttl",
