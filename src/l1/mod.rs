@@ -223,6 +223,7 @@ fn build_cache(
     max_entries: u64,
     evictions: Arc<AtomicU64>,
     front: Arc<Front>,
+    buckets: Arc<[Bucket]>,
     hasher: ahash::RandomState,
 ) -> KeyCache {
     let min_weight = (max_bytes / max_entries.max(1)).max(1);
@@ -236,10 +237,15 @@ fn build_cache(
             if cause == RemovalCause::Size {
                 evictions.fetch_add(1, Ordering::Relaxed);
             }
+            let hash = hash_of(&hasher, &k);
+            // Every value that leaves, replaced ones too, was counted when it went in.
+            buckets[hash as usize & (GEN_BUCKETS - 1)]
+                .held
+                .fetch_sub(1, Ordering::SeqCst);
             // Replaced: the front's copy is still right (a fill adds replies); the next
             // read from moka takes the new one.
             if cause != RemovalCause::Replaced {
-                front.remove(hash_of(&hasher, &k));
+                front.remove(hash);
             }
         })
         // Randomly keyed like SipHash (keys are client-chosen), but cheaper.
@@ -315,7 +321,7 @@ pub struct L1 {
     admit_window_ms: AtomicU64,
     started: Instant,
     /// The fill-race guard's generations and write marks, by key hash.
-    buckets: Box<[Bucket]>,
+    buckets: Arc<[Bucket]>,
     epoch: AtomicU64,
     hasher: ahash::RandomState,
     pub stats: L1Stats,
@@ -350,6 +356,17 @@ struct Bucket {
     /// Writes through this proxy in flight: while one is, its keys are neither served
     /// nor filled, and no read joins another's (it may predate the write).
     writing: AtomicU32,
+    /// Values of its keys in moka, or more: raised before an insert, lowered by the
+    /// removal notice. At 0 none of its keys is in moka, so a miss or an invalidation
+    /// skips moka (under a write-heavy mix most invalidations find nothing to drop).
+    held: AtomicU32,
+}
+
+impl Bucket {
+    /// Whether moka may hold one of this bucket's keys.
+    fn may_hold(&self) -> bool {
+        self.held.load(Ordering::SeqCst) > 0
+    }
 }
 
 /// A write in flight through this proxy (see [`L1::begin_write`]).
@@ -410,11 +427,13 @@ impl L1 {
         let evictions = Arc::new(AtomicU64::new(0));
         let hasher = ahash::RandomState::new();
         let front = Arc::new(Front::new());
+        let buckets: Arc<[Bucket]> = (0..GEN_BUCKETS).map(|_| Bucket::default()).collect();
         let cache = build_cache(
             cfg.max_bytes,
             cfg.max_entries,
             evictions.clone(),
             front.clone(),
+            buckets.clone(),
             hasher.clone(),
         );
         let read_slots = (cfg.max_entries.saturating_mul(4))
@@ -439,7 +458,7 @@ impl L1 {
             reads,
             admit_window_ms: AtomicU64::new(cfg.admit_window_ms.max(1)),
             started: Instant::now(),
-            buckets: (0..GEN_BUCKETS).map(|_| Bucket::default()).collect(),
+            buckets,
             epoch: AtomicU64::new(0),
             hasher,
             stats: L1Stats {
@@ -514,6 +533,7 @@ impl L1 {
                 cfg.max_entries,
                 self.stats.evictions.clone(),
                 self.front.clone(),
+                self.buckets.clone(),
                 self.hasher.clone(),
             );
             // Fills in flight were admitted under the old cache: refuse them.
@@ -526,7 +546,12 @@ impl L1 {
             // old epoch: out with it, and never served (the epoch moves on again).
             self.epoch.fetch_add(1, Ordering::SeqCst);
             self.front.clear();
-            // Freed after the lock is released: dropping a large cache takes a while.
+            // Emptied and freed after the lock is released (it takes a while): each
+            // removal's notice lowers its bucket's count, which dropping would not.
+            let keys: Vec<Bytes> = old.iter().map(|(k, _)| Bytes::clone(&k)).collect();
+            for k in keys {
+                old.invalidate(&k);
+            }
             drop(old);
             self.max_bytes.store(cfg.max_bytes, Ordering::Relaxed);
             self.max_entries.store(cfg.max_entries, Ordering::Relaxed);
@@ -666,6 +691,9 @@ impl L1 {
                 }
                 return Some((take(&f.reply), self.refresh_due(&f.cached, now)));
             }
+        }
+        if !bucket.may_hold() {
+            return None;
         }
         let e = self.cache().get(key)?;
         // Entries of an earlier epoch are kept only to be served stale.
@@ -813,8 +841,10 @@ impl L1 {
         let (key, reply) = (Bytes::copy_from_slice(&key), Bytes::copy_from_slice(&reply));
         let now = Instant::now();
         let cache = self.cache();
+        let bucket = &self.buckets[token.bucket];
         // The key's other replies keep their own lifetimes (they were read earlier).
-        let mut replies: Vec<Arc<Cached>> = match cache.get(&key) {
+        let held = bucket.may_hold();
+        let mut replies: Vec<Arc<Cached>> = match held.then(|| cache.get(&key)).flatten() {
             Some(e) if e.epoch == token.epoch => e
                 .replies
                 .iter()
@@ -835,6 +865,8 @@ impl L1 {
             expires_at,
             epoch: token.epoch,
         };
+        // Counted before it can be seen: `held` never under-counts.
+        bucket.held.fetch_add(1, Ordering::SeqCst);
         cache.insert(key.clone(), entry.clone());
         if !self.still_valid(&token)
             || self.buckets[token.bucket].writing.load(Ordering::SeqCst) > 0
@@ -895,7 +927,11 @@ impl L1 {
         let hash = hash_of(&self.hasher, key);
         let b = hash as usize & (GEN_BUCKETS - 1);
         self.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
-        self.cache().invalidate(key);
+        // Nothing to drop from moka: a fill inserting now counted itself before its
+        // insert, so it sees the generation bumped above and takes itself out.
+        if self.buckets[b].may_hold() {
+            self.cache().invalidate(key);
+        }
         // Again after the removal: a lookup that read moka before it read the
         // generation before this, so what it put in the front is never served.
         self.buckets[b].gen.fetch_add(1, Ordering::SeqCst);
@@ -978,5 +1014,89 @@ impl L1 {
                 })
                 .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(l1: &L1) -> u64 {
+        l1.cache().run_pending_tasks();
+        l1.buckets
+            .iter()
+            .map(|b| b.held.load(Ordering::SeqCst) as u64)
+            .sum()
+    }
+
+    fn fill(l1: &L1, key: &str, sig: &str, pttl_ms: i64) -> bool {
+        let token = l1.begin(key.as_bytes());
+        l1.fill(
+            Bytes::copy_from_slice(key.as_bytes()),
+            token,
+            Bytes::copy_from_slice(sig.as_bytes()),
+            Bytes::from_static(b"$1\r\nv\r\n"),
+            pttl_ms,
+        )
+    }
+
+    /// The per-bucket count that lets misses and invalidations skip moka must never be
+    /// below what moka holds, and must come back down as entries leave by every way
+    /// out, or the shortcut would serve nothing (under) or fade away (over).
+    #[test]
+    fn held_counts_follow_moka_through_every_removal() {
+        let cfg = L1Config {
+            max_entries: 64,
+            max_bytes: 64 * 1024,
+            ..L1Config::default()
+        };
+        let l1 = L1::new(&cfg);
+        // Over the entry budget: size evictions and rejected inserts.
+        for i in 0..1000 {
+            fill(&l1, &format!("k{i}"), &format!("Gk{i}"), -1);
+        }
+        let n = l1.entries();
+        assert!(n > 0 && n <= 64, "{n}");
+        assert_eq!(held(&l1), l1.entries());
+        // Replaced: a second reply for keys that are cached.
+        let cached: Vec<String> = (0..1000)
+            .map(|i| format!("k{i}"))
+            .filter(|k| l1.peek(k.as_bytes()).is_some())
+            .collect();
+        assert!(!cached.is_empty());
+        for k in &cached {
+            assert!(fill(&l1, k, &format!("S{k}"), -1));
+            assert!(l1.buckets[l1.bucket(k.as_bytes())].may_hold());
+        }
+        assert_eq!(held(&l1), l1.entries());
+        // Invalidated.
+        for k in cached.iter().step_by(2) {
+            l1.invalidate(k.as_bytes());
+        }
+        assert_eq!(held(&l1), l1.entries());
+        // Expired.
+        for i in 0..10 {
+            fill(&l1, &format!("short{i}"), "G", 1);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(held(&l1), l1.entries());
+        // Flushed.
+        l1.flush("test");
+        assert_eq!(l1.entries(), 0);
+        assert_eq!(held(&l1), 0);
+        // Resized (a new cache; the old one is emptied).
+        for i in 0..50 {
+            fill(&l1, &format!("r{i}"), "G", -1);
+        }
+        assert!(held(&l1) > 0);
+        assert!(l1.reconfigure(&L1Config {
+            max_entries: 128,
+            ..cfg
+        }));
+        assert_eq!(held(&l1), 0);
+        // And a key nothing holds is a miss without asking moka, then a hit once filled.
+        assert!(l1.lookup(b"fresh", Instant::now(), |_| true).is_none());
+        assert!(fill(&l1, "fresh", "G", -1));
+        assert!(l1.lookup(b"fresh", Instant::now(), |s| s == b"G").is_some());
     }
 }
