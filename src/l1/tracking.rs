@@ -14,13 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use redis_protocol::resp2::types::OwnedFrame as F;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::AbortHandle;
 
 use super::L1;
 use crate::error::UpstreamError;
-use crate::parse::reply::frame_len;
+use crate::parse::reply::{as_str, elements, frame_len, is_null};
 use crate::respond::{command_bytes, Proto};
 use crate::upstream::conn::{dial, handshake, read_one, Handshake, UpRead};
 
@@ -123,11 +122,9 @@ async fn listen(rd: &mut UpRead, buf: &mut BytesMut, l1: &L1) -> String {
                 Ok(None) => break,
                 Err(e) => return format!("bad frame: {}", e.0),
             };
-            let frame = buf.split_to(n);
-            match redis_protocol::resp2::decode::decode(&frame) {
-                Ok(Some((f, _))) => apply(&f, l1),
-                _ => return "undecodable message".into(),
-            }
+            // Read where it lies: a write-heavy mix sends one message per write.
+            apply(&buf[..n], l1);
+            let _ = buf.split_to(n);
         }
         buf.reserve(16 * 1024);
         match rd.read_buf(buf).await {
@@ -139,30 +136,72 @@ async fn listen(rd: &mut UpRead, buf: &mut BytesMut, l1: &L1) -> String {
 }
 
 /// `["message", "__redis__:invalidate", [key…] | nil]`, or
-/// `["message", <event channel>, key]`.
-fn apply(f: &F, l1: &L1) {
-    let F::Array(parts) = f else { return };
-    let is_message = matches!(parts.first(), Some(F::BulkString(k)) if k.as_slice() == b"message");
-    if !is_message || parts.len() < 3 {
+/// `["message", <event channel>, key]`; anything else (subscription confirmations) is
+/// ignored.
+fn apply(frame: &[u8], l1: &L1) {
+    let Some(mut parts) = elements(frame) else {
+        return;
+    };
+    if parts.next().and_then(as_str) != Some(&b"message"[..]) {
         return;
     }
-    let on_event_channel = matches!((&parts[1], &l1.event_channel),
-        (F::BulkString(ch), Some(ev)) if ch.as_slice() == ev.as_ref());
-    if on_event_channel {
-        if let F::BulkString(key) = &parts[2] {
+    let (Some(channel), Some(body)) = (parts.next().and_then(as_str), parts.next()) else {
+        return;
+    };
+    if l1.event_channel.as_deref() == Some(channel) {
+        if let Some(key) = as_str(body) {
             l1.invalidate(key);
         }
         return;
     }
-    match &parts[2] {
-        F::Array(keys) => {
-            for k in keys {
-                if let F::BulkString(k) | F::SimpleString(k) = k {
-                    l1.invalidate(k);
-                }
+    match elements(body) {
+        Some(keys) => {
+            for k in keys.filter_map(as_str) {
+                l1.invalidate(k);
             }
         }
-        F::Null => l1.flush("FLUSHALL/FLUSHDB on the upstream"),
-        _ => {}
+        None if is_null(body) => l1.flush("FLUSHALL/FLUSHDB on the upstream"),
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::L1Config;
+
+    #[test]
+    fn invalidation_messages_drop_keys_flush_or_are_ignored() {
+        let l1 = L1::new(&L1Config::default());
+        let st = |l1: &L1| {
+            (
+                l1.stats.invalidations.load(Ordering::Relaxed),
+                l1.stats.flushes.load(Ordering::Relaxed),
+            )
+        };
+        apply(
+            b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n",
+            &l1,
+        );
+        assert_eq!(st(&l1), (2, 0));
+        // FLUSHALL / FLUSHDB: a null instead of keys.
+        apply(
+            b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*-1\r\n",
+            &l1,
+        );
+        assert_eq!(st(&l1), (2, 1));
+        // The event channel names one key.
+        apply(
+            b"*3\r\n$7\r\nmessage\r\n$16\r\ncache:invalidate\r\n$1\r\nk\r\n",
+            &l1,
+        );
+        assert_eq!(st(&l1), (3, 1));
+        // Subscription confirmations and anything else change nothing.
+        apply(
+            b"*3\r\n$9\r\nsubscribe\r\n$20\r\n__redis__:invalidate\r\n:1\r\n",
+            &l1,
+        );
+        apply(b"+OK\r\n", &l1);
+        assert_eq!(st(&l1), (3, 1));
     }
 }

@@ -23,19 +23,115 @@ fn memchr_cr(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\r')
 }
 
+/// A decimal `i64` as Redis writes it (an optional sign, then digits); every length
+/// and count of every reply goes through here, so it is done by hand.
 fn parse_int(s: &[u8]) -> Result<i64, ReplyError> {
-    std::str::from_utf8(s)
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .ok_or_else(|| ReplyError(format!("bad length {:?}", String::from_utf8_lossy(s))))
+    let bad = || ReplyError(format!("bad length {:?}", String::from_utf8_lossy(s)));
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', d)) => (true, d),
+        Some((b'+', d)) => (false, d),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return Err(bad());
+    }
+    if digits.len() <= 18 {
+        // Cannot overflow.
+        let mut n: i64 = 0;
+        for &b in digits {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return Err(bad());
+            }
+            n = n * 10 + d as i64;
+        }
+        return Ok(if neg { -n } else { n });
+    }
+    let mut n: i64 = 0;
+    for &b in digits {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return Err(bad());
+        }
+        // Accumulated on the sign's side, so that i64::MIN parses too.
+        n = n
+            .checked_mul(10)
+            .and_then(|n| {
+                if neg {
+                    n.checked_sub(d as i64)
+                } else {
+                    n.checked_add(d as i64)
+                }
+            })
+            .ok_or_else(bad)?;
+    }
+    Ok(n)
+}
+
+/// The length of a complete non-aggregate reply of the common kinds (bulk, status,
+/// error, integer) at the start of `buf`; `None` for anything else or incomplete, which
+/// [`frame_len`] then works out the long way.
+#[inline]
+fn flat_len(buf: &[u8]) -> Option<usize> {
+    let tag = *buf.first()?;
+    if !matches!(tag, b'$' | b'+' | b'-' | b':') {
+        return None;
+    }
+    let eol = line_end(buf, 1)?;
+    if tag != b'$' {
+        return Some(eol + 2);
+    }
+    let n = parse_int(&buf[1..eol]).ok()?;
+    if n < 0 {
+        return Some(eol + 2);
+    }
+    let end = eol + 2 + n as usize + 2;
+    (end <= buf.len()).then_some(end)
+}
+
+/// Counts of elements still to read per open aggregate: the first levels inline (no
+/// allocation for the replies Redis sends), deeper ones on the heap.
+struct Levels {
+    inline: [i64; 8],
+    depth: usize,
+    deeper: Vec<i64>,
+}
+
+impl Levels {
+    fn push(&mut self, r: i64) {
+        if self.depth < self.inline.len() {
+            self.inline[self.depth] = r;
+        } else {
+            self.deeper.push(r);
+        }
+        self.depth += 1;
+    }
+
+    fn pop(&mut self) -> Option<i64> {
+        self.depth = self.depth.checked_sub(1)?;
+        if self.depth < self.inline.len() {
+            Some(self.inline[self.depth])
+        } else {
+            self.deeper.pop()
+        }
+    }
 }
 
 /// Length in bytes of the first complete reply in `buf`, `Ok(None)` if incomplete.
 pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplyError> {
+    // Most replies are one complete bulk string, status or integer: measured without
+    // the aggregate bookkeeping below.
+    if let Some(n) = flat_len(buf) {
+        return Ok(Some(n));
+    }
     // Iterative over a stack of "elements still to read" counts, so a deep or huge
     // aggregate cannot overflow our stack.
     let mut pos = 0usize;
-    let mut pending: Vec<i64> = Vec::new();
+    let mut pending = Levels {
+        inline: [0; 8],
+        depth: 0,
+        deeper: Vec::new(),
+    };
     let mut remaining: i64 = 1;
     loop {
         while remaining == 0 {
@@ -78,7 +174,7 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ReplyError> {
                 // An attribute precedes the real value: that value still has to be read.
                 let items = if tag == b'|' { items + 1 } else { items };
                 if items > 0 {
-                    if pending.len() >= MAX_DEPTH {
+                    if pending.depth >= MAX_DEPTH {
                         return Err(ReplyError("nesting too deep".into()));
                     }
                     pending.push(remaining);
@@ -113,6 +209,32 @@ pub fn split_aggregate(reply: &Bytes) -> Option<Vec<Bytes>> {
         pos += len;
     }
     Some(items)
+}
+
+/// The elements of an array, set or push reply, borrowed where they lie (no
+/// allocation): `None` if the reply is not one, or is a null array. An element cut
+/// short ends the walk.
+pub fn elements(reply: &[u8]) -> Option<impl Iterator<Item = &[u8]>> {
+    if !matches!(*reply.first()?, b'*' | b'~' | b'>') {
+        return None;
+    }
+    let eol = line_end(reply, 1)?;
+    let n = parse_int(&reply[1..eol]).ok()?;
+    if n < 0 {
+        return None;
+    }
+    let mut pos = eol + 2;
+    Some((0..n).map_while(move |_| {
+        let rest = reply.get(pos..)?;
+        let len = frame_len(rest).ok()??;
+        pos += len;
+        Some(&rest[..len])
+    }))
+}
+
+/// A null reply: `$-1`, `*-1` (RESP2) or `_` (RESP3).
+pub fn is_null(reply: &[u8]) -> bool {
+    reply.starts_with(b"$-1\r\n") || reply.starts_with(b"*-1\r\n") || reply.starts_with(b"_\r\n")
 }
 
 /// A SCAN-family reply (`[cursor, [element…]]`): the next cursor and the elements.
@@ -176,6 +298,58 @@ pub fn as_str(reply: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deep_aggregates_and_integers_at_the_edges() {
+        // Twelve levels: past the inline ones, onto the heap, and back.
+        let mut deep = Vec::new();
+        for _ in 0..12 {
+            deep.extend_from_slice(b"*2\r\n:1\r\n");
+        }
+        deep.extend_from_slice(b"$1\r\nx\r\n");
+        let n = deep.len();
+        deep.extend_from_slice(b"+next\r\n");
+        assert_eq!(frame_len(&deep), Ok(Some(n)));
+        assert_eq!(frame_len(&deep[..n - 1]), Ok(None));
+        let mut too_deep = Vec::new();
+        for _ in 0..=MAX_DEPTH {
+            too_deep.extend_from_slice(b"*1\r\n");
+        }
+        assert!(frame_len(&too_deep).is_err());
+
+        assert_eq!(as_int(b":9223372036854775807\r\n"), Some(i64::MAX));
+        assert_eq!(as_int(b":-9223372036854775808\r\n"), Some(i64::MIN));
+        assert_eq!(as_int(b":9223372036854775808\r\n"), None);
+        assert_eq!(as_int(b":-0\r\n"), Some(0));
+        assert_eq!(as_int(b":\r\n"), None);
+        assert_eq!(as_int(b":-\r\n"), None);
+        assert_eq!(as_int(b":1x\r\n"), None);
+        assert!(frame_len(b"$x\r\n").is_err());
+        assert!(frame_len(b"*1 \r\n").is_err());
+    }
+
+    #[test]
+    fn elements_are_walked_where_they_lie() {
+        let r = b"*3\r\n$7\r\nmessage\r\n:5\r\n*2\r\n$1\r\na\r\n+b\r\n";
+        let parts: Vec<&[u8]> = elements(r).unwrap().collect();
+        assert_eq!(
+            parts,
+            [
+                &b"$7\r\nmessage\r\n"[..],
+                b":5\r\n",
+                b"*2\r\n$1\r\na\r\n+b\r\n"
+            ]
+        );
+        let inner: Vec<&[u8]> = elements(parts[2]).unwrap().filter_map(as_str).collect();
+        assert_eq!(inner, [&b"a"[..], b"b"]);
+        assert!(elements(b"*-1\r\n").is_none());
+        assert!(elements(b"$1\r\na\r\n").is_none());
+        assert_eq!(elements(b"*0\r\n").unwrap().count(), 0);
+        // Cut short: the walk ends at the incomplete element.
+        assert_eq!(elements(b"*2\r\n:1\r\n$5\r\nab").unwrap().count(), 1);
+        assert!(is_null(b"*-1\r\n") && is_null(b"$-1\r\n") && is_null(b"_\r\n"));
+        assert!(!is_null(b"*0\r\n"));
+    }
 
     #[test]
     fn lengths() {
