@@ -28,6 +28,42 @@ use crate::respond::{command_bytes, Proto};
 
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
 pub type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
+/// A group's replies, one `Bytes` each, cut where the reader framed them.
+pub type GroupRx = oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>;
+
+/// Where a request's replies go: together in one `Bytes`, or one each.
+enum Tx {
+    One(ReplyTx),
+    Each(oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>),
+}
+
+impl Tx {
+    fn fail(self, err: UpstreamError) {
+        let _ = match self {
+            Tx::One(tx) => tx.send(Err(err)).is_ok(),
+            Tx::Each(tx) => tx.send(Err(err)).is_ok(),
+        };
+    }
+
+    /// Hands over `reply`, whose replies end at the offsets in `ends` (for `Each`).
+    fn deliver(self, reply: Bytes, ends: &[usize]) {
+        let _ = match self {
+            Tx::One(tx) => tx.send(Ok(reply)).is_ok(),
+            Tx::Each(tx) => {
+                let mut at = 0;
+                let each = ends
+                    .iter()
+                    .map(|&end| {
+                        let r = reply.slice(at..end);
+                        at = end;
+                        r
+                    })
+                    .collect();
+                tx.send(Ok(each)).is_ok()
+            }
+        };
+    }
+}
 
 const READ_CHUNK: usize = 64 * 1024;
 const MAX_BATCH: usize = 512;
@@ -66,15 +102,15 @@ struct Req {
     data: Bytes,
     /// Replies to swallow before the one the caller wants (`ASKING` before a command).
     skip: u8,
-    /// Replies the caller wants, handed over together (one for a single command).
+    /// Replies the caller wants (one for a single command).
     count: u32,
-    tx: ReplyTx,
+    tx: Tx,
 }
 
 struct Waiter {
     skip: u8,
     count: u32,
-    tx: ReplyTx,
+    tx: Tx,
     /// When its bytes were handed to the socket (one clock read per written batch).
     sent: Instant,
 }
@@ -193,16 +229,23 @@ impl PipeConn {
 
     /// Queues one request; the reply arrives on the returned receiver, in order.
     pub fn send(&self, data: Bytes, skip: u8) -> Result<ReplyRx, UpstreamError> {
-        self.send_group(data, skip, 1)
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(data, skip, 1, Tx::One(tx))?;
+        Ok(rx)
     }
 
     /// Queues `count` requests (`data` holds them back to back); their replies arrive
-    /// together, back to back in one `Bytes`, on the returned receiver.
-    pub fn send_group(&self, data: Bytes, skip: u8, count: u32) -> Result<ReplyRx, UpstreamError> {
+    /// together on the returned receiver, one `Bytes` each (framed once, by the reader).
+    pub fn send_group(&self, data: Bytes, count: u32) -> Result<GroupRx, UpstreamError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(data, 0, count, Tx::Each(tx))?;
+        Ok(rx)
+    }
+
+    fn enqueue(&self, data: Bytes, skip: u8, count: u32, tx: Tx) -> Result<(), UpstreamError> {
         if self.is_closed() {
             return Err(UpstreamError::ConnectionLost);
         }
-        let (tx, rx) = oneshot::channel();
         self.tx
             .send(Req {
                 data,
@@ -210,8 +253,7 @@ impl PipeConn {
                 count,
                 tx,
             })
-            .map_err(|_| UpstreamError::ConnectionLost)?;
-        Ok(rx)
+            .map_err(|_| UpstreamError::ConnectionLost)
     }
 
     /// Ends the connection: its tasks stop, and the reader's end fails every request
@@ -403,12 +445,15 @@ struct Reading {
     scan: usize,
     have: u32,
     partial: BytesMut,
+    /// For a waiter that takes its replies one each: where each framed one ends
+    /// (counted from the start of `partial`).
+    ends: Vec<usize>,
 }
 
 /// Fails every waiting request with `err`.
 fn fail_all(q: &mut VecDeque<Waiter>, err: &UpstreamError) {
     for w in q.drain(..) {
-        let _ = w.tx.send(Err(err.clone()));
+        w.tx.fail(err.clone());
     }
 }
 
@@ -433,7 +478,7 @@ impl Drop for Reading {
         if self.have > 0 {
             if let Some(w) = q.pop_front() {
                 self.partial.extend_from_slice(&self.buf[..self.scan]);
-                let _ = w.tx.send(Ok(std::mem::take(&mut self.partial).freeze()));
+                w.tx.deliver(std::mem::take(&mut self.partial).freeze(), &self.ends);
             }
         }
         fail_all(&mut q, &self.closed.end_error());
@@ -455,6 +500,7 @@ async fn read_loop(
         scan: 0,
         have: 0,
         partial: BytesMut::new(),
+        ends: Vec::new(),
     };
     // Whatever ends this loop ends the connection; the writer goes first (dropped
     // before `st`, so it queues nothing after the waiters were failed).
@@ -504,6 +550,9 @@ async fn read_loop(
             }
             st.scan += n;
             st.have += 1;
+            if matches!(front.tx, Tx::Each(_)) {
+                st.ends.push(st.partial.len() + st.scan);
+            }
             if st.have < front.count {
                 continue;
             }
@@ -519,7 +568,8 @@ async fn read_loop(
             st.scan = 0;
             st.have = 0;
             // The client may have gone away; its reply is simply dropped.
-            let _ = w.tx.send(Ok(reply));
+            w.tx.deliver(reply, &st.ends);
+            st.ends.clear();
         }
         if st.buf.capacity() - st.buf.len() < READ_CHUNK / 4 {
             st.buf.reserve(READ_CHUNK);

@@ -351,7 +351,7 @@ pub struct Upstream {
 /// keeps it until the replies are in.
 pub struct GroupTicket {
     conn: Arc<PipeConn>,
-    rx: ReplyRx,
+    rx: conn::GroupRx,
     count: u32,
 }
 
@@ -720,7 +720,7 @@ impl Upstream {
     ) -> Option<GroupTicket> {
         let node = self.resolve(target).ok()?;
         let conn = node.live_conn(proto, hint)?;
-        let rx = conn.send_group(data, 0, count).ok()?;
+        let rx = conn.send_group(data, count).ok()?;
         Some(GroupTicket { conn, rx, count })
     }
 
@@ -731,8 +731,8 @@ impl Upstream {
             addr: g.conn.addr.to_string(),
             source,
         };
-        let all = match g.rx.await {
-            Ok(Ok(all)) => all,
+        let replies = match g.rx.await {
+            Ok(Ok(replies)) => replies,
             Err(_) => {
                 self.request_refresh();
                 return Err(lost(UpstreamError::ConnectionLost));
@@ -744,17 +744,6 @@ impl Upstream {
                 return Err(lost(e));
             }
         };
-        let mut replies = Vec::with_capacity(g.count as usize);
-        let mut at = 0;
-        while at < all.len() {
-            // Framed by the connection's reader already.
-            let n = match crate::parse::reply::frame_len(&all[at..]) {
-                Ok(Some(n)) => n,
-                _ => return Err(Error::proxy("a grouped reply could not be split")),
-            };
-            replies.push(all.slice(at..at + n));
-            at += n;
-        }
         if replies.len() < g.count as usize {
             self.request_refresh();
             return Ok((replies, Some(lost(g.conn.end_error()))));
