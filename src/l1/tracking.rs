@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::AbortHandle;
 
@@ -124,7 +124,7 @@ async fn listen(rd: &mut UpRead, buf: &mut BytesMut, l1: &L1) -> String {
             };
             // Read where it lies: a write-heavy mix sends one message per write.
             apply(&buf[..n], l1);
-            let _ = buf.split_to(n);
+            buf.advance(n);
         }
         buf.reserve(16 * 1024);
         match rd.read_buf(buf).await {

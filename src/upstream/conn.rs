@@ -29,26 +29,28 @@ use crate::respond::{command_bytes, Proto};
 pub type ReplyTx = oneshot::Sender<Result<Bytes, UpstreamError>>;
 pub type ReplyRx = oneshot::Receiver<Result<Bytes, UpstreamError>>;
 /// A group's replies, one `Bytes` each, cut where the reader framed them.
+type GroupTx = oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>;
 pub type GroupRx = oneshot::Receiver<Result<Vec<Bytes>, UpstreamError>>;
 
-/// Where a request's replies go: together in one `Bytes`, or one each.
+/// Where a request's replies go: together in one `Bytes`, or one each. A receiver
+/// that is gone (its client left) simply drops what it is sent.
 enum Tx {
     One(ReplyTx),
-    Each(oneshot::Sender<Result<Vec<Bytes>, UpstreamError>>),
+    Each(GroupTx),
 }
 
 impl Tx {
     fn fail(self, err: UpstreamError) {
-        let _ = match self {
-            Tx::One(tx) => tx.send(Err(err)).is_ok(),
-            Tx::Each(tx) => tx.send(Err(err)).is_ok(),
-        };
+        match self {
+            Tx::One(tx) => drop(tx.send(Err(err))),
+            Tx::Each(tx) => drop(tx.send(Err(err))),
+        }
     }
 
     /// Hands over `reply`, whose replies end at the offsets in `ends` (for `Each`).
     fn deliver(self, reply: Bytes, ends: &[usize]) {
-        let _ = match self {
-            Tx::One(tx) => tx.send(Ok(reply)).is_ok(),
+        match self {
+            Tx::One(tx) => drop(tx.send(Ok(reply))),
             Tx::Each(tx) => {
                 let mut at = 0;
                 let each = ends
@@ -59,9 +61,9 @@ impl Tx {
                         r
                     })
                     .collect();
-                tx.send(Ok(each)).is_ok()
+                drop(tx.send(Ok(each)));
             }
-        };
+        }
     }
 }
 
