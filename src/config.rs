@@ -321,6 +321,10 @@ pub struct UpstreamConfig {
     /// CLUSTERDOWN waits up to this long for a replica to be promoted, re-sent as the
     /// topology changes, instead of failing at once; 0 = fail at once.
     pub failover_wait_ms: u64,
+    /// `CLIENT SETNAME` on every upstream connection, so `CLIENT LIST` on a node tells
+    /// this proxy's connections apart (invalidation connections get `-invalidations`
+    /// added); empty = no name.
+    pub client_name: String,
 }
 
 /// ElastiCache IAM authentication: each connection authenticates as `user_id` with a
@@ -469,6 +473,7 @@ impl Default for UpstreamConfig {
             iam: IamConfig::default(),
             tcp_keepalive_secs: DEFAULT_UPSTREAM_TCP_KEEPALIVE_SECS,
             failover_wait_ms: DEFAULT_FAILOVER_WAIT_MS,
+            client_name: "tierproxy".into(),
         }
     }
 }
@@ -821,6 +826,16 @@ impl Config {
             }
         }
         let u = &self.upstream;
+        // Redis refuses names with spaces, newlines or other non-printable characters.
+        if u.client_name.bytes().any(|b| !(b'!'..=b'~').contains(&b)) {
+            return bad(
+                "upstream.client_name",
+                format!(
+                    "{:?}: only printable ASCII without spaces (CLIENT SETNAME's rule)",
+                    u.client_name
+                ),
+            );
+        }
         for (key, v) in [
             ("upstream.connect_timeout_ms", u.connect_timeout_ms),
             ("upstream.request_timeout_ms", u.request_timeout_ms),
@@ -1118,6 +1133,19 @@ mod tests {
         c.client.max_inflight = 0;
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("client.max_inflight"), "{e}");
+    }
+
+    #[test]
+    fn upstream_client_name_follows_redis_rules() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.upstream.client_name = String::new();
+        assert!(c.validate().is_ok(), "empty means no name");
+        for bad in ["two words", "line\nbreak", "é"] {
+            c.upstream.client_name = bad.into();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("upstream.client_name"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

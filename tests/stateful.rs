@@ -6,9 +6,7 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use support::{
-    connected_clients, eventually, message, shared_cluster, shared_standalone, tag, Proxy, Resp,
-};
+use support::{eventually, message, shared_cluster, shared_standalone, tag, Proxy, Resp};
 
 fn s(b: Vec<u8>) -> String {
     String::from_utf8_lossy(&b).into_owned()
@@ -39,8 +37,16 @@ fn owner(key: &str) -> String {
         .unwrap_or_else(|| panic!("no owner for {key}"))
 }
 
-fn total_upstream_clients() -> i64 {
-    masters().iter().map(|m| connected_clients(m)).sum()
+/// Connections named `name` (`upstream.client_name`) over every master.
+fn named_upstream_clients(name: &str) -> usize {
+    let field = format!(" name={name} ");
+    masters()
+        .iter()
+        .map(|m| {
+            let list = s(Resp::connect(m).cmd(&["CLIENT", "LIST"]));
+            list.lines().filter(|l| l.contains(&field)).count()
+        })
+        .sum()
 }
 
 // ------------------------------------------------------------------------------------------
@@ -179,9 +185,16 @@ fn watch_sees_another_clients_write() {
 #[test]
 fn a_thousand_transactions_reuse_pooled_connections() {
     let _watching = watch_lock();
+    // Its own proxy, with its own connection name: only its connections are counted,
+    // whatever other tests open on the same nodes meanwhile.
+    let name = format!("tierproxy-txpool-{}", std::process::id());
+    let px = Proxy::start_with_config(
+        &shared_cluster().seeds(),
+        &format!("[upstream]\nclient_name = \"{name}\"\n"),
+    );
     let t = tag("tx_pool");
     let k = format!("{t}n");
-    let mut c = Resp::connect(&proxy().addr());
+    let mut c = Resp::connect(&px.addr());
     let tx = |c: &mut Resp, watch: bool| {
         if watch {
             assert_eq!(s(c.cmd(&["WATCH", &k])), "+OK\r\n");
@@ -194,11 +207,12 @@ fn a_thousand_transactions_reuse_pooled_connections() {
     for i in 0..20 {
         tx(&mut c, i % 2 == 0);
     }
-    let before = total_upstream_clients();
+    let before = named_upstream_clients(&name);
+    assert!(before > 0, "no upstream connection is named {name}");
     for i in 0..1000 {
         tx(&mut c, i % 2 == 0);
     }
-    let after = total_upstream_clients();
+    let after = named_upstream_clients(&name);
     assert!(
         after <= before + 1,
         "upstream connections grew from {before} to {after} over 1,000 transactions"
@@ -401,9 +415,14 @@ fn blpop_wakes_when_another_client_pushes() {
 
 #[test]
 fn a_hundred_blocked_clients_delay_nobody_and_leak_nothing() {
-    let px = Proxy::start_with_config(&shared_cluster().seeds(), "");
+    let name = format!("tierproxy-blockmany-{}", std::process::id());
+    let px = Proxy::start_with_config(
+        &shared_cluster().seeds(),
+        &format!("[upstream]\nclient_name = \"{name}\"\n"),
+    );
     let t = tag("block_many");
-    let baseline = total_upstream_clients();
+    let count = || named_upstream_clients(&name);
+    let baseline = count();
     let mut blocked: Vec<Resp> = (0..100)
         .map(|i| {
             let mut c = Resp::connect(&px.addr());
@@ -412,11 +431,10 @@ fn a_hundred_blocked_clients_delay_nobody_and_leak_nothing() {
         })
         .collect();
     assert!(
-        eventually(Duration::from_secs(10), || total_upstream_clients()
-            >= baseline + 100),
+        eventually(Duration::from_secs(10), || count() >= baseline + 100),
         "100 blocked clients should hold 100 upstream connections: {} → {}",
         baseline,
-        total_upstream_clients()
+        count()
     );
     // Everyone else is served meanwhile.
     let mut other = Resp::connect(&px.addr());
@@ -431,10 +449,9 @@ fn a_hundred_blocked_clients_delay_nobody_and_leak_nothing() {
     }
     drop(blocked);
     assert!(
-        eventually(Duration::from_secs(10), || total_upstream_clients()
-            <= baseline + 8),
+        eventually(Duration::from_secs(10), || count() <= baseline + 8),
         "upstream connections did not return to the baseline {baseline}: {}",
-        total_upstream_clients()
+        count()
     );
 }
 

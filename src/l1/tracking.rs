@@ -54,7 +54,10 @@ pub async fn start(
     let (mut rd, mut wr) = dial(addr, timeout, hs).await?;
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let hs = Handshake {
-        client_name: Some("tierproxy-invalidations".into()),
+        client_name: hs
+            .client_name
+            .as_ref()
+            .map(|n| format!("{n}-invalidations")),
         ..hs.clone()
     };
     let id = tokio::time::timeout(timeout, async {

@@ -262,7 +262,17 @@ fn watch(px: &Arc<Proxy>, sess: &mut Session, req: Request, cluster: bool) -> Pe
                     px.upstream.pinned(&node, proto, true).await?
                 }
             };
-            let mut reply = pin.call(req.raw.clone()).await?;
+            let mut reply = match pin.call(req.raw.clone()).await {
+                Ok(r) => r,
+                // The connection died before this proxy noticed: what it watched is
+                // lost with it, as above.
+                Err(e) if pin.watching => {
+                    tracing::debug!(error = %e, "the connection holding a WATCH failed");
+                    mark_lost(&cell);
+                    return Err(Error::proxy(WATCH_LOST));
+                }
+                Err(e) => return Err(e),
+            };
             if let Some((node, false)) = px.upstream.redirected(&reply) {
                 if !pin.watching {
                     // The slot moved before anything was watched here: watch at its owner.

@@ -109,7 +109,7 @@ impl Settings {
                     .password
                     .clone()
                     .or_else(|| seed_creds.as_ref().and_then(|s| s.password.clone())),
-                client_name: Some("tierproxy".into()),
+                client_name: Some(u.client_name.clone()).filter(|n| !n.is_empty()),
                 tls,
                 iam,
                 keepalive_secs: u.tcp_keepalive_secs,
