@@ -68,7 +68,9 @@ pub struct Cached {
     reply: Bytes,
     /// Its own lifetime: filling another reply of the key does not extend it.
     expires_at: Instant,
-    ttl: Duration,
+    /// Where its refresh-ahead window starts (the last `refresh_ahead_ratio` of its
+    /// life, by the ratio of its fill); `None`: no refresh-ahead.
+    refresh_at: Option<Instant>,
     /// Hits in the refresh-ahead window (the last `refresh_ahead_ratio` of its life).
     reads: AtomicU32,
     /// A refresh-ahead of it is in flight: one per reply at a time.
@@ -85,12 +87,13 @@ impl Cached {
         self.expires_at > now && self.confirmed.load(Ordering::Acquire)
     }
 
-    fn new(sig: Bytes, reply: Bytes, now: Instant, ttl: Duration) -> Cached {
+    fn new(sig: Bytes, reply: Bytes, now: Instant, ttl: Duration, ratio: f64) -> Cached {
+        let expires_at = now + ttl;
         Cached {
             sig,
             reply,
-            expires_at: now + ttl,
-            ttl,
+            expires_at,
+            refresh_at: (ratio > 0.0).then(|| expires_at - ttl.mul_f64(ratio.min(1.0))),
             reads: AtomicU32::new(0),
             refreshing: AtomicBool::new(false),
             confirmed: AtomicBool::new(false),
@@ -485,8 +488,8 @@ impl L1 {
     /// not being refreshed already (this claims it). Hits earlier in the lifetime cost
     /// no shared write.
     fn refresh_due(&self, c: &Cached, now: Instant) -> bool {
-        let ratio = self.refresh_ratio();
-        if ratio <= 0.0 || c.expires_at.saturating_duration_since(now) >= c.ttl.mul_f64(ratio) {
+        // Computed at the fill: a hit compares two instants.
+        if c.refresh_at.is_none_or(|at| now <= at) {
             return false;
         }
         let reads = c.reads.fetch_add(1, Ordering::Relaxed) + 1;
@@ -853,7 +856,7 @@ impl L1 {
                 .collect(),
             _ => Vec::new(),
         };
-        let filled = Arc::new(Cached::new(sig, reply, now, ttl));
+        let filled = Arc::new(Cached::new(sig, reply, now, ttl, self.refresh_ratio()));
         replies.push(filled.clone());
         let expires_at = replies
             .iter()

@@ -334,6 +334,16 @@ fn parse_args(
             return Ok(Step::Partial(pos));
         }
         let rest = &buf[pos..];
+        // The usual `$<len>\r\n<arg>\r\n`, whole and within every limit, in one pass;
+        // anything else (cut short, malformed, over a limit) takes the checks below.
+        if let Some((start, len)) = plain_bulk(rest, limits) {
+            let (start, end) = (pos + start, pos + start + len);
+            if end + 2 <= buf.len() {
+                ranges.push((base + start, base + end));
+                pos = end + 2;
+                continue;
+            }
+        }
         let cr = match find_cr(rest) {
             Some(cr) => cr,
             None if rest.len() > PROTO_INLINE_MAX_SIZE => {
@@ -375,6 +385,36 @@ fn parse_args(
         },
         pos,
     ))
+}
+
+/// A `$<len>\r` line at the front of `buf` with a length Redis accepts under `limits`
+/// (1 to 18 digits, no leading zero, no sign): where the argument starts and its length.
+/// `None` for anything else, which the general path then takes.
+#[inline]
+fn plain_bulk(buf: &[u8], limits: Limits) -> Option<(usize, usize)> {
+    if buf.first() != Some(&b'$') {
+        return None;
+    }
+    let mut len: u64 = 0;
+    let mut i = 1;
+    while let Some(&d) = buf.get(i) {
+        if !d.is_ascii_digit() {
+            break;
+        }
+        len = len * 10 + u64::from(d - b'0');
+        i += 1;
+        if i > 19 {
+            return None;
+        }
+    }
+    let digits = i - 1;
+    let ok = buf.get(i) == Some(&b'\r')
+        && i + 1 < buf.len()
+        && digits > 0
+        && (buf[1] != b'0' || digits == 1)
+        && (len as i64) <= limits.proto_max_bulk_len
+        && !(limits.unauthenticated && len > UNAUTH_MAX_BULK as u64);
+    ok.then_some((i + 2, len as usize))
 }
 
 fn parse_inline(buf: &[u8]) -> Result<Option<(Frame, usize)>, ProtocolError> {
@@ -614,6 +654,69 @@ mod tests {
         };
         let r = parse_batch(&mut buf, lim, 100, &mut out, &mut ParseState::default());
         assert_eq!(r.unwrap_err().0, "invalid bulk length");
+    }
+
+    /// The one-pass bulk path and the general one agree on every edge of a length line:
+    /// fed whole, and fed a byte at a time (every cut of the line and the argument).
+    #[test]
+    fn bulk_length_edges_whole_and_byte_by_byte() {
+        let ok: &[(&[u8], &[&[u8]])] = &[
+            (b"*2\r\n$3\r\nGET\r\n$0\r\n\r\n", &[b"GET", b""]),
+            (b"*1\r\n$10\r\n0123456789\r\n", &[b"0123456789"]),
+            (b"*1\r\n$1\r\n\r\r\n", &[b"\r"]),
+        ];
+        let bad: &[(&[u8], &str)] = &[
+            (b"*1\r\n$01\r\nx\r\n", "invalid bulk length"),
+            (b"*1\r\n$+1\r\nx\r\n", "invalid bulk length"),
+            (b"*1\r\n$\r\n", "invalid bulk length"),
+            (b"*1\r\n$1x\r\n", "invalid bulk length"),
+            (b"*1\r\n$99999999999999999999\r\n", "invalid bulk length"),
+            (b"*1\r\n$11\r\n", "invalid bulk length"), // over the limit of 10
+        ];
+        let lim = Limits {
+            proto_max_bulk_len: 10,
+            unauthenticated: false,
+        };
+        let run = |input: &[u8], step: usize| {
+            let (mut buf, mut out, mut st) = (BytesMut::new(), Vec::new(), ParseState::default());
+            let mut r = Ok(());
+            for chunk in input.chunks(step) {
+                buf.extend_from_slice(chunk);
+                r = parse_batch(&mut buf, lim, 100, &mut out, &mut st);
+                if r.is_err() {
+                    break;
+                }
+            }
+            (out, r)
+        };
+        for step in [usize::MAX, 1] {
+            for (input, want) in ok {
+                let (out, r) = run(input, step);
+                assert!(r.is_ok(), "{input:?}: {r:?}");
+                assert_eq!(out.len(), 1, "{input:?}");
+                let args: Vec<&[u8]> = out[0].args.iter().map(|a| &a[..]).collect();
+                assert_eq!(&args, want);
+                assert_eq!(&out[0].raw[..], *input);
+            }
+            for (input, want) in bad {
+                let (out, r) = run(input, step);
+                assert!(out.is_empty(), "{input:?}");
+                assert_eq!(r.unwrap_err().0, *want, "{input:?}");
+            }
+        }
+        let unauth = Limits {
+            proto_max_bulk_len: i64::MAX,
+            unauthenticated: true,
+        };
+        let mut buf = BytesMut::from(&b"*1\r\n$16385\r\n"[..]);
+        let r = parse_batch(
+            &mut buf,
+            unauth,
+            1,
+            &mut Vec::new(),
+            &mut ParseState::default(),
+        );
+        assert_eq!(r.unwrap_err().0, "unauthenticated bulk length");
     }
 
     #[test]
