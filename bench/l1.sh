@@ -40,6 +40,7 @@ redis-server --bind 127.0.0.1 --port "$RP" --save '' --appendonly no --dir "$TMP
 PIDS+=($!)
 wait_ping "$RP"
 
+# Sets PORT; not run in a subshell, so that its pid reaches PIDS (and the cleanup).
 start_proxy() { # name, l1 on|off
     local port; port=$(free_port)
     printf '[l1]\nenabled = %s\nmax_entries = 200000\n' "$([ "$2" = on ] && echo true || echo false)" >"$TMP/$1.toml"
@@ -48,11 +49,11 @@ start_proxy() { # name, l1 on|off
     wait_ping "$port"
     # Wait until the proxy knows its upstream.
     for _ in $(seq 100); do redis-cli -p "$port" get __warm__ >/dev/null 2>&1 && break; sleep 0.1; done
-    echo "$port"
+    PORT=$port
 }
-OFF=$(start_proxy off off)
-ON=$(start_proxy on on)
-ONB=$(start_proxy onb on)
+start_proxy off off; OFF=$PORT
+start_proxy on on; ON=$PORT
+start_proxy onb on; ONB=$PORT
 
 "$LOAD" --mode prefill --addr "127.0.0.1:$RP" >/dev/null
 

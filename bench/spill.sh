@@ -24,6 +24,7 @@ PIDS+=($!)
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$S3P/" && break; sleep 0.2; done
 curl -s -X PUT "http://127.0.0.1:$S3P/spillbench" -o /dev/null
 
+# Sets PORT; not run in a subshell, so that its pid reaches PIDS (and the cleanup).
 start_proxy() { # name, store (dir|s3), l1 (true|false)
     local port; port=$(free_port)
     {
@@ -37,12 +38,12 @@ start_proxy() { # name, store (dir|s3), l1 (true|false)
     PIDS+=($!)
     wait_ping "$port"
     for _ in $(seq 100); do redis-cli -p "$port" get __warm__ >/dev/null 2>&1 && break; sleep 0.1; done
-    echo "$port"
+    PORT=$port
 }
-DIR_OFF=$(start_proxy dir-off dir false)
-DIR_ON=$(start_proxy dir-on dir true)
-S3_OFF=$(start_proxy s3-off s3 false)
-S3_ON=$(start_proxy s3-on s3 true)
+start_proxy dir-off dir false; DIR_OFF=$PORT
+start_proxy dir-on dir true; DIR_ON=$PORT
+start_proxy s3-off s3 false; S3_OFF=$PORT
+start_proxy s3-on s3 true; S3_ON=$PORT
 
 OUT=bench/results/spill-latest.md
 python3 - "$RP" "$DIR_OFF" "$DIR_ON" "$S3_OFF" "$S3_ON" >"$TMP/report.md" <<'PY'

@@ -108,6 +108,32 @@ if [ -n "$orphaned" ]; then
 fi
 "#;
 
+/// Kills a proxy (positional parameters: test pid, proxy pid) once the test process is gone:
+/// proxies shared through statics are never dropped, and would otherwise outlive the test
+/// binary, reconnecting to servers that are gone. The test process's death is seen as EOF on
+/// stdin (a pipe only it holds) or its pid gone; the reaper exits quietly when the proxy
+/// exits first (a drop kills the reaper as well).
+const REAPER_SCRIPT: &str = r#"
+test_pid=$1
+target=$2
+orphaned=
+while kill -0 "$target" 2>/dev/null; do
+    if ! kill -0 "$test_pid" 2>/dev/null; then
+        orphaned=1
+        break
+    fi
+    read -r -t 0.5 _
+    status=$?
+    if [ "$status" -ne 0 ] && [ "$status" -le 128 ]; then
+        orphaned=1
+        break
+    fi
+done
+if [ -n "$orphaned" ]; then
+    kill -KILL "$target" 2>/dev/null
+fi
+"#;
+
 // ---------------------------------------------------------------------------------------------
 // Standalone server
 // ---------------------------------------------------------------------------------------------
@@ -627,6 +653,9 @@ fn node_addr(node: &Value) -> Option<String> {
 /// A running `tierproxy` binary; killed on drop.
 pub struct Proxy {
     child: Child,
+    /// Kills the proxy if the test process goes away without dropping it (see
+    /// [`REAPER_SCRIPT`]).
+    reaper: Child,
     addr: SocketAddr,
     stdout: Arc<Mutex<VecDeque<String>>>,
     stderr: Arc<Mutex<VecDeque<String>>>,
@@ -682,6 +711,21 @@ impl Proxy {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn `{command:?}`: {e}"));
+        let mut reaper = Command::new("bash")
+            .arg("-c")
+            .arg(REAPER_SCRIPT)
+            .arg("tierproxy-reaper")
+            .arg(std::process::id().to_string())
+            .arg(child.id().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("cannot spawn bash to reap the proxy: {e}")
+            });
 
         let stdout = Arc::new(Mutex::new(VecDeque::new()));
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
@@ -705,6 +749,7 @@ impl Proxy {
                 Ok(addr) => {
                     return Proxy {
                         child,
+                        reaper,
                         addr,
                         stdout,
                         stderr,
@@ -824,6 +869,8 @@ impl Drop for Proxy {
         // Both are no-ops on an already reaped child.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = self.reaper.kill();
+        let _ = self.reaper.wait();
     }
 }
 
