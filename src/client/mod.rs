@@ -259,9 +259,16 @@ where
         return Ok(());
     }
     // Registered once for the connection's life: a fresh `changed()` for every wait for
-    // input cost more than the read itself at pipeline depth 1 (callgrind).
-    let stopping = shutdown.changed();
+    // input cost more than the read itself at pipeline depth 1 (callgrind). Once its
+    // first poll has put this task on the signal's waiter list, a wait checks the
+    // signal's version (one atomic load) instead of polling it again, which takes the
+    // waiter list's lock each time.
+    let mut signal = shutdown.clone();
+    let stopping = signal.changed();
     tokio::pin!(stopping);
+    let mut armed = false;
+    // When the last read completed: the start of the batch it brought in.
+    let mut read_at: Option<Instant> = None;
     loop {
         let limits = Limits {
             proto_max_bulk_len: cfg.proto_max_bulk_len as i64,
@@ -311,7 +318,20 @@ where
                     None => std::future::pending().await,
                 }
             };
+            let stop = std::future::poll_fn(|cx| {
+                if !std::mem::replace(&mut armed, true) && stopping.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+                match shutdown.has_changed() {
+                    Ok(false) => Poll::Pending,
+                    _ => Poll::Ready(()),
+                }
+            });
+            // The signal first: checking it is one load, and a client that always has
+            // input ready must not keep a shutdown waiting.
             tokio::select! {
+                biased;
+                _ = stop => return Ok(()),
                 r = read => match r {
                     None => return Ok(()), // idle timeout, closed silently as Redis does
                     Some(Ok(0)) => return Ok(()),
@@ -329,11 +349,13 @@ where
                     tracing::warn!(client = %sess.entry.addr, "closing subscriber over client.pubsub_output_limit");
                     return Ok(());
                 }
-                _ = stopping.as_mut() => return Ok(()),
             }
-            sess.entry
-                .last_active_ms
-                .store(px.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            let now = Instant::now();
+            read_at = Some(now);
+            sess.entry.last_active_ms.store(
+                now.duration_since(px.started).as_millis() as u64,
+                Ordering::Relaxed,
+            );
             continue;
         }
 
@@ -341,7 +363,8 @@ where
         // futures box their own), which every connection carries while idle; boxing it
         // instead cost an allocation of that size per batch, a tenth of the proxy's
         // instructions at pipeline depth 1 (callgrind).
-        if !run_batch(px, sess, &mut reqs, parse_err, &mut io).await? {
+        let started = read_at.take().unwrap_or_else(Instant::now);
+        if !run_batch(px, sess, &mut reqs, parse_err, &mut io, started).await? {
             return Ok(());
         }
     }
@@ -356,6 +379,7 @@ async fn run_batch<R, W>(
     reqs: &mut Vec<crate::parse::request::Request>,
     parse_err: Option<crate::error::ProtocolError>,
     io: &mut Io<R, W>,
+    mut started: Instant,
 ) -> std::io::Result<bool>
 where
     R: AsyncRead + Unpin + Send,
@@ -365,9 +389,9 @@ where
     // for the next batch, and a client that went away abandons a blocking command
     // instead of pinning its upstream connection until the command times out.
     let mut client_gone = false;
-    // One clock read per batch, and again after each barrier: a command's time starts
-    // at the later of this and the previous reply's resolution (see `drain`).
-    let mut started = Instant::now();
+    // One clock read per batch (when its input was read), and again after each barrier:
+    // a command's time starts at the later of this and the previous reply's resolution
+    // (see `drain`).
     // One table for the batch's fast lane (see `forward_group`).
     let table = px.upstream.table();
     let mut reqs = reqs.drain(..).peekable();

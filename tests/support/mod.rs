@@ -711,7 +711,7 @@ impl Proxy {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn `{command:?}`: {e}"));
-        let mut reaper = Command::new("bash")
+        let reaper = Command::new("bash")
             .arg("-c")
             .arg(REAPER_SCRIPT)
             .arg("tierproxy-reaper")
