@@ -263,8 +263,9 @@ where
     // first poll has put this task on the signal's waiter list, a wait checks the
     // signal's version (one atomic load) instead of polling it again, which takes the
     // waiter list's lock each time.
+    // Unconstrained: that one poll must register, whatever the task's budget.
     let mut signal = shutdown.clone();
-    let stopping = signal.changed();
+    let stopping = tokio::task::unconstrained(signal.changed());
     tokio::pin!(stopping);
     let mut armed = false;
     // When the last read completed: the start of the batch it brought in.
@@ -528,9 +529,9 @@ async fn forward_group<R, W, I>(
             match self.count {
                 0 => self.first = raw.clone(),
                 1 => {
-                    // Room for every remaining request of this size: one allocation
-                    // for the usual run, and never more than the group's limit.
-                    let room = (self.first.len() + raw.len() * remaining).min(GROUP_BYTES);
+                    // Room for the batch's remaining requests of this size: one
+                    // allocation for the usual run; past 16 KiB it grows as it fills.
+                    let room = (self.first.len() + raw.len() * remaining).min(16 * 1024);
                     self.data = BytesMut::with_capacity(room);
                     self.data.extend_from_slice(&self.first);
                     self.data.extend_from_slice(raw);
@@ -564,11 +565,11 @@ async fn forward_group<R, W, I>(
         /// L1's reply, behind pending ones.
         Hit(bytes::Bytes),
     }
-    // Sized for the rest of the batch up front: growing them one doubling at a time
-    // cost more than the run's parsing (callgrind).
-    let remaining = reqs.size_hint().0.min(1024);
-    let mut nodes: Vec<ForNode> = Vec::with_capacity(4);
-    let mut planned = Vec::with_capacity(remaining);
+    // Sized for the rest of the batch (up to a point) once the run has a member: growing
+    // them one doubling at a time cost more than the run's parsing (callgrind).
+    let remaining = reqs.size_hint().0.min(64);
+    let mut nodes: Vec<ForNode> = Vec::new();
+    let mut planned = Vec::new();
     let slowlog = px.slowlog.enabled();
     let out_limit = px.cfg.client.output_buffer_limit as usize;
     // Replies written straight to the output: counted per command once the run is done.
@@ -640,6 +641,10 @@ async fn forward_group<R, W, I>(
         let g = match g {
             Some(g) => g,
             None => {
+                if nodes.is_empty() {
+                    nodes.reserve(4);
+                    planned.reserve(remaining);
+                }
                 nodes.push(ForNode {
                     node: at,
                     target: target.clone(),
@@ -854,9 +859,9 @@ async fn write_all_watched<W: AsyncWrite + Unpin>(
                     Err(_) => {
                         crate::metrics::OUTPUT_STALLED.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(
-                        stalled_secs = d.as_secs(),
-                        "closing client that reads none of its replies (client.output_stall_timeout_secs)"
-                    );
+                            stalled_secs = d.as_secs(),
+                            "closing client that reads none of its replies (client.output_stall_timeout_secs)"
+                        );
                         Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "client output stalled",
@@ -961,6 +966,8 @@ where
                         let addr = t.addr();
                         g.addr = Some(addr.clone());
                         g.begin = began;
+                        g.replies = Vec::new().into_iter();
+                        g.error = None;
                         let (replies, e) = match px.upstream.finish_group(t).await {
                             Ok(r) => r,
                             Err(e) => (Vec::new(), Some(e)),
@@ -1081,9 +1088,7 @@ impl Group {
     fn front(&self) -> Option<&bytes::Bytes> {
         self.replies.as_slice().first()
     }
-}
 
-impl Group {
     /// Filled in when the group's first member is resolved.
     fn new(at: Instant) -> Group {
         Group {

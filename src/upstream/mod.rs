@@ -983,12 +983,19 @@ mod tests {
         assert_eq!(key_slot(b"123456789"), 12739);
         assert_eq!(key_slot(b"foo"), 12182);
         assert_eq!(key_slot(b""), 0);
-        assert_eq!(key_slot(b"{foo}bar"), key_slot(b"foo"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
-        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
-        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
-        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
-        assert_eq!(key_slot(b"{unclosed"), key_slot(b"{unclosed"));
+        // The tag rule, on top of that known CRC (0x31C3 for "123456789").
+        assert_eq!(key_slot(b"user:{123456789}:name"), 12739);
+        assert_eq!(key_slot(b"{123456789}{other}"), 12739);
+        assert_eq!(key_slot(b"{{123456789}"), key_slot(b"{123456789"));
+        for whole in [
+            &b"foo{}{123456789}"[..],
+            b"{unclosed123456789",
+            b"}123456789{",
+        ] {
+            // An empty or unclosed tag: the whole key is hashed.
+            assert_eq!(key_slot(whole), super::crc16(whole) & 0x3FFF, "{whole:?}");
+            assert_ne!(key_slot(whole), 12739, "{whole:?}");
+        }
         // Against an independent implementation, over keys full of braces.
         let alphabet = b"{}ab\x00\xff";
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -711,7 +711,7 @@ impl Proxy {
         let mut child = command
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn `{command:?}`: {e}"));
-        let reaper = Command::new("bash")
+        let mut reaper = Command::new("bash")
             .arg("-c")
             .arg(REAPER_SCRIPT)
             .arg("tierproxy-reaper")
@@ -760,9 +760,11 @@ impl Proxy {
                 Err(RecvTimeoutError::Disconnected) => thread::sleep(Duration::from_millis(50)),
             }
             if let Ok(Some(status)) = child.try_wait() {
+                stop_reaper(&mut reaper);
                 break format!("exited with {status} before reporting its listen address");
             }
             if Instant::now() >= deadline {
+                stop_reaper(&mut reaper);
                 let _ = child.kill();
                 let _ = child.wait();
                 break format!("did not report its listen address within {PROXY_START_TIMEOUT:?}");
@@ -854,6 +856,8 @@ impl Proxy {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);
         }
+        // The reaper goes first: once the proxy is reaped its pid may be reused.
+        stop_reaper(&mut self.reaper);
         send_signal("TERM", self.pid());
         let status = wait_timeout(&mut self.child, deadline);
         if status.is_none() {
@@ -866,12 +870,16 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        // Both are no-ops on an already reaped child.
+        // The reaper first (see `terminate`); both are no-ops on an already reaped child.
+        stop_reaper(&mut self.reaper);
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = self.reaper.kill();
-        let _ = self.reaper.wait();
     }
+}
+
+fn stop_reaper(reaper: &mut Child) {
+    let _ = reaper.kill();
+    let _ = reaper.wait();
 }
 
 /// Reads `source` line by line into a bounded buffer until EOF. On stdout it also reports the
