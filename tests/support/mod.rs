@@ -66,56 +66,12 @@ const LOG_TAIL_LINES: usize = 40;
 const RESP_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Supervises one server process (positional parameters: test pid, server dir, the command
-/// and its args): `redis-server`, or the S3-compatible server.
-///
-/// It prints the server's pid so `Drop` can kill the server itself (killing only bash would
-/// orphan it), then waits until either side goes away:
-/// * the server exits (startup failure or a deliberate kill): the watchdog exits too, which lets
-///   the harness notice a failed start via `try_wait` and keeps the log for the panic message;
-/// * the test process is gone, detected both by EOF on stdin (a pipe whose write end only the
-///   test process holds; std opens it close-on-exec) and by polling the pid: the watchdog
-///   SIGKILLs the server and deletes the temp dir that the never-dropped statics leave behind.
-///
-/// `read -t` doubles as the poll interval, so the loop forks nothing while idle.
-const WATCHDOG_SCRIPT: &str = r#"
-test_pid=$1
-dir=$2
-shift 2
-"$@" </dev/null >>"$dir/stdout.log" 2>&1 &
-server=$!
-echo "$server"
-exec >/dev/null
-trap 'kill -KILL "$server" 2>/dev/null' EXIT
-trap 'exit 1' HUP INT TERM
-orphaned=
-while kill -0 "$server" 2>/dev/null; do
-    if ! kill -0 "$test_pid" 2>/dev/null; then
-        orphaned=1
-        break
-    fi
-    read -r -t 0.5 _
-    status=$?
-    if [ "$status" -ne 0 ] && [ "$status" -le 128 ]; then
-        orphaned=1
-        break
-    fi
-done
-if [ -n "$orphaned" ]; then
-    kill -KILL "$server" 2>/dev/null
-    wait "$server" 2>/dev/null
-    rm -rf "$dir"
-fi
-"#;
-
-/// Kills a proxy (positional parameters: test pid, proxy pid) once the test process is gone:
-/// proxies shared through statics are never dropped, and would otherwise outlive the test
-/// binary, reconnecting to servers that are gone. The test process's death is seen as EOF on
-/// stdin (a pipe only it holds) or its pid gone; the reaper exits quietly when the proxy
-/// exits first (a drop kills the reaper as well).
-const REAPER_SCRIPT: &str = r#"
-test_pid=$1
-target=$2
+/// The wait both supervisors share: while `$target` lives, poll every 0.5 s (`read -t`,
+/// which forks nothing) for the test process `$test_pid` going away, seen as EOF on stdin (a
+/// pipe only the test process holds) or its pid gone; `orphaned` says which ended the wait.
+macro_rules! orphan_wait {
+    () => {
+        r#"
 orphaned=
 while kill -0 "$target" 2>/dev/null; do
     if ! kill -0 "$test_pid" 2>/dev/null; then
@@ -129,10 +85,61 @@ while kill -0 "$target" 2>/dev/null; do
         break
     fi
 done
+"#
+    };
+}
+
+/// Supervises one server process (positional parameters: test pid, server dir, the command
+/// and its args): `redis-server`, or the S3-compatible server.
+///
+/// It prints the server's pid so `Drop` can kill the server itself (killing only bash would
+/// orphan it), then waits until either side goes away:
+/// * the server exits (startup failure or a deliberate kill): the watchdog exits too, which lets
+///   the harness notice a failed start via `try_wait` and keeps the log for the panic message;
+/// * the test process is gone, detected both by EOF on stdin (a pipe whose write end only the
+///   test process holds; std opens it close-on-exec) and by polling the pid: the watchdog
+///   SIGKILLs the server and deletes the temp dir that the never-dropped statics leave behind.
+///
+/// `read -t` doubles as the poll interval, so the loop forks nothing while idle.
+const WATCHDOG_SCRIPT: &str = concat!(
+    r#"
+test_pid=$1
+dir=$2
+shift 2
+"$@" </dev/null >>"$dir/stdout.log" 2>&1 &
+target=$!
+echo "$target"
+exec >/dev/null
+trap 'kill -KILL "$target" 2>/dev/null' EXIT
+trap 'exit 1' HUP INT TERM
+"#,
+    orphan_wait!(),
+    r#"
+if [ -n "$orphaned" ]; then
+    kill -KILL "$target" 2>/dev/null
+    wait "$target" 2>/dev/null
+    rm -rf "$dir"
+fi
+"#
+);
+
+/// Kills a proxy (positional parameters: test pid, proxy pid) once the test process is gone:
+/// proxies shared through statics are never dropped, and would otherwise outlive the test
+/// binary, reconnecting to servers that are gone. The test process's death is seen as EOF on
+/// stdin (a pipe only it holds) or its pid gone; the reaper exits quietly when the proxy
+/// exits first (a drop kills the reaper as well).
+const REAPER_SCRIPT: &str = concat!(
+    r#"
+test_pid=$1
+target=$2
+"#,
+    orphan_wait!(),
+    r#"
 if [ -n "$orphaned" ]; then
     kill -KILL "$target" 2>/dev/null
 fi
-"#;
+"#
+);
 
 // ---------------------------------------------------------------------------------------------
 // Standalone server
