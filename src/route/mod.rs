@@ -462,7 +462,7 @@ async fn spill_write(
     req: Request,
 ) -> Pending {
     let name = info.name.clone();
-    let original_args = req.args.clone();
+    let original_args = req.args.to_vec();
     let (req, objects) = match spill::prepare_write(spill, &name, req).await {
         Ok(r) => r,
         Err(e) => return Pending::error(e),

@@ -301,7 +301,7 @@ pub fn rewrite_local(ns: &[u8], name: &[u8], req: Request) -> Request {
             if sub != b"get" && sub != b"warm" {
                 return req;
             }
-            let args = req
+            let args: Vec<Bytes> = req
                 .args
                 .iter()
                 .enumerate()
@@ -315,7 +315,7 @@ pub fn rewrite_local(ns: &[u8], name: &[u8], req: Request) -> Request {
         }
         // TIERPROXY.TAG key tag… / TIERPROXY.INVALIDATE tag…
         b"tierproxy.tag" | b"tierproxy.invalidate" => {
-            let args = req
+            let args: Vec<Bytes> = req
                 .args
                 .iter()
                 .enumerate()
