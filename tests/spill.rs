@@ -62,28 +62,27 @@ impl DirectCluster {
 }
 
 fn objects(dir: &std::path::Path) -> usize {
-    fn count(p: &std::path::Path) -> usize {
-        std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| {
-                        let p = e.path();
-                        if p.is_dir() {
-                            count(&p)
-                        } else if p
-                            .file_name()
-                            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-                        {
-                            0
-                        } else {
-                            1
-                        }
-                    })
-                    .sum()
-            })
-            .unwrap_or(0)
+    object_files(dir).len()
+}
+
+/// The stored objects under `dir` (not the signing key or temporary files: dot files).
+fn object_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    fn walk(p: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            {
+                out.push(p);
+            }
+        }
     }
-    count(dir)
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out
 }
 
 fn info_field(c: &mut Resp, name: &str) -> i64 {
@@ -350,6 +349,50 @@ fn forged_stubs_are_errors_and_stub_looking_values_read_back() {
         c.cmd(&["STRLEN", &looks]),
         format!(":{}\r\n", odd.len()).into_bytes()
     );
+}
+
+/// An object changed in the store behind the proxy's back (bytes flipped, cut short,
+/// grown) is refused with an error, never served; stored compressed or raw alike.
+#[test]
+fn objects_changed_in_the_store_are_refused_never_served() {
+    let own = spill_proxy("\n[l1]\nenabled = false");
+    let mut c = Resp::connect(&own.proxy.addr());
+    let t = tag("tamper");
+    let compressible = vec![b'a'; THRESHOLD * 64];
+    let incompressible = random(THRESHOLD * 64, 21);
+    type Change = fn(&mut Vec<u8>);
+    let changes: [(&str, Change); 4] = [
+        ("flipped", |b| {
+            let mid = b.len() / 2;
+            b[mid] ^= 1;
+        }),
+        ("short", |b| b.truncate(b.len() - 1)),
+        ("long", |b| b.push(0)),
+        ("empty", |b| b.clear()),
+    ];
+    for (kind, v) in [("zstd", &compressible), ("raw", &incompressible)] {
+        for (how, change) in changes {
+            let k = format!("{t}{kind}:{how}");
+            let before = object_files(own.dir.path());
+            assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v[..]]), b"+OK\r\n");
+            let file = object_files(own.dir.path())
+                .into_iter()
+                .find(|f| !before.contains(f))
+                .expect("the SET stored an object");
+            assert_eq!(c.cmd(&["GET", &k]), bulk(v), "{kind} {how}: before");
+            let mut stored = std::fs::read(&file).unwrap();
+            change(&mut stored);
+            std::fs::write(&file, &stored).unwrap();
+            let r = String::from_utf8_lossy(&c.cmd(&["GET", &k])).into_owned();
+            assert!(
+                r.starts_with("-ERR tierproxy: spilled value corrupt"),
+                "{kind} {how}: {}",
+                &r[..r.len().min(80)]
+            );
+            assert_eq!(c.cmd(&["PING"]), b"+PONG\r\n", "{kind} {how}: usable");
+        }
+    }
+    assert!(info_field(&mut c, "spill_errors") >= 8);
 }
 
 #[test]

@@ -297,6 +297,15 @@ pub struct L1Stats {
     pub warmed: AtomicU64,
 }
 
+/// How a reply handed to [`L1::fill`] is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// A slice of a larger buffer (a connection's reads): cached as a copy.
+    Shared,
+    /// A buffer of its own, exactly the reply: cached as it is.
+    Own,
+}
+
 /// A read's ticket to fill: the generations it saw before it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FillToken {
@@ -813,6 +822,7 @@ impl L1 {
         token: FillToken,
         sig: Bytes,
         reply: Bytes,
+        held: Held,
         pttl_ms: i64,
     ) -> bool {
         if reply.len() > self.max_value_bytes.load(Ordering::Relaxed)
@@ -840,8 +850,13 @@ impl L1 {
         }
         // Copied: the key and the reply are slices of the client's and the upstream
         // connection's read buffers, which a cached slice would keep whole (a 100-byte
-        // reply pinning a 16 KiB buffer), beyond what the budget weighs.
-        let (key, reply) = (Bytes::copy_from_slice(&key), Bytes::copy_from_slice(&reply));
+        // reply pinning a 16 KiB buffer), beyond what the budget weighs. A reply in a
+        // buffer of its own (a resolved spill value, up to `max_value_bytes`) is not.
+        let key = Bytes::copy_from_slice(&key);
+        let reply = match held {
+            Held::Shared => Bytes::copy_from_slice(&reply),
+            Held::Own => reply,
+        };
         let now = Instant::now();
         let cache = self.cache();
         let bucket = &self.buckets[token.bucket];
@@ -1039,6 +1054,7 @@ mod tests {
             token,
             Bytes::copy_from_slice(sig.as_bytes()),
             Bytes::from_static(b"$1\r\nv\r\n"),
+            Held::Shared,
             pttl_ms,
         )
     }

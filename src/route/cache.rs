@@ -310,13 +310,13 @@ pub async fn read(
             let px = px.clone();
             let l1 = l1.clone();
             Pending::Later(Box::pin(async move {
-                let reply = unspill(&px, px.upstream.finish(value).await).await;
+                let reply = unspill_held(&px, px.upstream.finish(value).await).await;
                 let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
                 match reply {
-                    Ok(reply) => {
+                    Ok((reply, held)) => {
                         count_l2(&l1, &reply);
                         if let (Some(ms), false) = (pttl, is_error(&reply)) {
-                            l1.fill(key, token, sig, reply.clone(), ms);
+                            l1.fill(key, token, sig, reply.clone(), held, ms);
                         }
                         guard.complete(&reply);
                         Value::Raw(reply)
@@ -368,7 +368,7 @@ async fn fetch(
     sig: &Bytes,
     proto: Proto,
     hint: usize,
-) -> Option<(crate::l1::FillToken, Bytes, i64)> {
+) -> Option<(crate::l1::FillToken, Bytes, crate::l1::Held, i64)> {
     let target = Target::Slot(crate::upstream::key_slot(key));
     let token = l1.begin(key);
     let value = px
@@ -379,20 +379,20 @@ async fn fetch(
         .upstream
         .start(target, command_bytes(&[&b"PTTL"[..], key]), proto, hint)
         .await;
-    let reply = unspill(px, px.upstream.finish(value).await).await;
+    let reply = unspill_held(px, px.upstream.finish(value).await).await;
     let pttl = px.upstream.finish(pttl).await.ok().and_then(|b| as_int(&b));
     match (reply, pttl) {
-        (Ok(reply), Some(ms)) if !is_error(&reply) => Some((token, reply, ms)),
+        (Ok((reply, held)), Some(ms)) if !is_error(&reply) => Some((token, reply, held, ms)),
         _ => None,
     }
 }
 
 /// [`fetch`] then fill; true if the reply was cached.
 async fn load(px: &Proxy, l1: &L1, key: &Bytes, sig: &Bytes, proto: Proto, hint: usize) -> bool {
-    let Some((token, reply, ms)) = fetch(px, l1, key, sig, proto, hint).await else {
+    let Some((token, reply, held, ms)) = fetch(px, l1, key, sig, proto, hint).await else {
         return false;
     };
-    l1.fill(key.clone(), token, sig.clone(), reply, ms)
+    l1.fill(key.clone(), token, sig.clone(), reply, held, ms)
 }
 
 /// Spreads warming reads to `l1.warm_keys_per_sec`: ticks of 10 ms each with its share
@@ -503,7 +503,7 @@ async fn warm_key(px: &Proxy, l1: &L1, key: Bytes) -> u64 {
     let req = [Bytes::from_static(b"get"), key.clone()];
     let sig2 = signature(Proto::Resp2, &req);
     let sig3 = signature(Proto::Resp3, &req);
-    let Some((token, reply, ms)) = fetch(px, l1, &key, &sig2, Proto::Resp2, 0).await else {
+    let Some((token, reply, held, ms)) = fetch(px, l1, &key, &sig2, Proto::Resp2, 0).await else {
         return 0;
     };
     // Only string values: a missing key's nil differs between the protocols, and is
@@ -513,7 +513,7 @@ async fn warm_key(px: &Proxy, l1: &L1, key: Bytes) -> u64 {
     }
     let mut n = 0;
     for sig in [sig2, sig3] {
-        n += l1.fill(key.clone(), token, sig, reply.clone(), ms) as u64;
+        n += l1.fill(key.clone(), token, sig, reply.clone(), held, ms) as u64;
     }
     l1.stats
         .warmed
@@ -546,13 +546,25 @@ async fn unspill(
     px: &Proxy,
     reply: Result<Bytes, crate::error::Error>,
 ) -> Result<Bytes, crate::error::Error> {
+    unspill_held(px, reply).await.map(|(reply, _)| reply)
+}
+
+/// [`unspill`], and how the reply is held, for [`L1::fill`]: a resolved stub is a
+/// buffer of its own, anything else a slice of an upstream connection's read buffer.
+async fn unspill_held(
+    px: &Proxy,
+    reply: Result<Bytes, crate::error::Error>,
+) -> Result<(Bytes, crate::l1::Held), crate::error::Error> {
+    use crate::l1::Held;
     match (reply, px.spill.as_ref()) {
         // Boxed: the store's read is a large future, which every read of L1's would
         // otherwise carry (and copy into its own box) for the rare stub.
         (Ok(raw), Some(spill)) if super::spill::may_hold_stub(&raw) => {
-            Box::pin(super::spill::resolve_reply(spill, raw)).await
+            Box::pin(super::spill::resolve_reply(spill, raw))
+                .await
+                .map(|r| (r, Held::Own))
         }
-        (r, _) => r,
+        (r, _) => r.map(|r| (r, Held::Shared)),
     }
 }
 

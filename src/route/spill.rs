@@ -183,10 +183,17 @@ pub async fn resolve_reply(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
             if !items.iter().any(|i| as_str(i).is_some_and(stub::is_stub)) {
                 return Ok(raw);
             }
-            let mut out = BytesMut::with_capacity(raw.len());
-            out.put_slice(format!("*{}\r\n", items.len()).as_bytes());
+            let header = format!("*{}\r\n", items.len());
+            let mut parts = Vec::with_capacity(items.len());
             for i in items {
-                out.put_slice(&resolve_bulk(spill, i).await?);
+                parts.push(resolve_bulk(spill, i).await?);
+            }
+            // Sized exactly: L1 caches it as it is (`Held::Own`).
+            let mut out =
+                BytesMut::with_capacity(header.len() + parts.iter().map(Bytes::len).sum::<usize>());
+            out.put_slice(header.as_bytes());
+            for p in parts {
+                out.put_slice(&p);
             }
             Ok(out.freeze())
         }
@@ -203,11 +210,12 @@ async fn resolve_bulk(spill: &Spill, raw: Bytes) -> Result<Bytes, Error> {
     }
     let start = payload.as_ptr() as usize - raw.as_ptr() as usize;
     let value = raw.slice(start..start + payload.len());
-    let resolved = spill
-        .resolve(value)
+    // The value arrives inside its own bulk reply: no copy into another one.
+    spill
+        .resolve_stub(&value)
         .await
-        .map_err(|e| Error::proxy(e.to_string()))?;
-    Ok(Value::Bulk(resolved).to_bytes(Proto::Resp2))
+        .map(|framed| framed.into_frame())
+        .map_err(|e| Error::proxy(e.to_string()))
 }
 
 /// Wraps a read whose reply may carry stubs.

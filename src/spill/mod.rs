@@ -97,7 +97,94 @@ impl Histogram {
     }
 }
 
-type Waiters = Vec<oneshot::Sender<Result<Bytes, SpillError>>>;
+type Waiters = Vec<oneshot::Sender<Result<Framed, SpillError>>>;
+
+/// A resolved value inside its own bulk reply, `$<len>\r\n<value>\r\n` (RESP2 and RESP3
+/// frame a bulk string alike), built where the value was read or decompressed: the
+/// reply goes out as it lies, and the value is never copied into another buffer.
+#[derive(Debug, Clone)]
+pub struct Framed {
+    frame: Bytes,
+    header: usize,
+}
+
+impl Framed {
+    /// A buffer holding the header of a bulk of `len` bytes, with room for the rest.
+    fn buffer(len: usize) -> Vec<u8> {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(len).as_bytes();
+        let mut buf = Vec::with_capacity(digits.len() + len + 5);
+        buf.push(b'$');
+        buf.extend_from_slice(digits);
+        buf.extend_from_slice(b"\r\n");
+        buf
+    }
+
+    /// A [`Framed::buffer`] with its value written after the header: checked against the
+    /// stub's length and checksum, then closed.
+    fn finish(
+        mut buf: Vec<u8>,
+        original_len: u64,
+        checksum: &[u8; 32],
+    ) -> Result<Framed, SpillError> {
+        let header = buf.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let value = &buf[header..];
+        if value.len() as u64 != original_len || stub::sha256(value) != *checksum {
+            return Err(SpillError::Corrupt("checksum mismatch".into()));
+        }
+        buf.extend_from_slice(b"\r\n");
+        Ok(Framed {
+            frame: Bytes::from(buf),
+            header,
+        })
+    }
+
+    /// The value alone (a slice of the frame).
+    pub fn value(&self) -> Bytes {
+        self.frame.slice(self.header..self.frame.len() - 2)
+    }
+
+    /// The whole bulk reply.
+    pub fn into_frame(self) -> Bytes {
+        self.frame
+    }
+}
+
+/// Decompresses one zstd frame into `buf` after what it holds, to exactly `len` more
+/// bytes: the value lands where its reply will be sent from.
+fn decompress_into(src: &[u8], buf: &mut Vec<u8>, len: usize) -> Result<(), SpillError> {
+    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    let corrupt = |what: String| SpillError::Corrupt(format!("zstd: {what}"));
+    let start = buf.len();
+    buf.reserve_exact(len);
+    let mut decoder = Decoder::new().map_err(|e| corrupt(e.to_string()))?;
+    let mut input = InBuffer::around(src);
+    let mut out = OutBuffer::around_pos(buf, start);
+    loop {
+        let before = (input.pos(), out.pos());
+        let left = decoder
+            .run(&mut input, &mut out)
+            .map_err(|e| corrupt(e.to_string()))?;
+        if left == 0 {
+            break;
+        }
+        if out.pos() - start > len {
+            return Err(corrupt(format!("value longer than the stub's {len} bytes")));
+        }
+        if (input.pos(), out.pos()) == before {
+            return Err(corrupt("value cut short".into()));
+        }
+    }
+    // Each step has set the buffer's length to what is written.
+    let trailing = input.pos() < src.len();
+    if trailing || buf.len() - start != len {
+        return Err(corrupt(format!(
+            "{} bytes decoded, the stub says {len}",
+            buf.len() - start
+        )));
+    }
+    Ok(())
+}
 
 pub struct Spill {
     /// Values longer than this are spilled (reloadable: `l3.threshold_bytes`).
@@ -301,37 +388,48 @@ impl Spill {
 
     /// The client's value behind whatever Redis returned.
     pub async fn resolve(&self, value: Bytes) -> Result<Bytes, SpillError> {
-        let Some(parsed) = self.parse(&value) else {
+        if !stub::is_stub(&value) {
             return Ok(value);
-        };
-        let stub = parsed.inspect_err(|_| {
+        }
+        Ok(self.resolve_stub(&value).await?.value())
+    }
+
+    /// The value behind a stub (`value` is one: [`stub::is_stub`]), in its bulk reply.
+    pub async fn resolve_stub(&self, value: &Bytes) -> Result<Framed, SpillError> {
+        let stub = Stub::decode(value, &self.key).inspect_err(|_| {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
         })?;
-        let out = match (&stub.body, stub.codec) {
-            (Body::Inline(p), Codec::Raw) => p.clone(),
+        let original = stub.original_len as usize;
+        let framed = match (&stub.body, stub.codec) {
+            (Body::Inline(p), Codec::Raw) => {
+                let mut buf = Framed::buffer(p.len());
+                buf.extend_from_slice(p);
+                Framed::finish(buf, stub.original_len, &stub.checksum)
+            }
+            (Body::Inline(p), Codec::Zstd) if p.len() as u64 != stub.stored_len => {
+                Err(SpillError::Corrupt("inline length mismatch".into()))
+            }
             (Body::Inline(p), Codec::Zstd) => {
-                if p.len() as u64 != stub.stored_len {
-                    return Err(SpillError::Corrupt("inline length mismatch".into()));
-                }
-                zstd::bulk::decompress(p, stub.original_len as usize)
-                    .map(Bytes::from)
-                    .map_err(|e| SpillError::Corrupt(format!("zstd: {e}")))?
+                let mut buf = Framed::buffer(original);
+                decompress_into(p, &mut buf, original)
+                    .and_then(|()| Framed::finish(buf, stub.original_len, &stub.checksum))
             }
             (Body::Object(name), _) => {
-                let out = self.fetch(name, &stub).await?;
+                let out = self.fetch(name, &stub).await;
                 crate::metrics::mark_store_read();
                 out
             }
         };
-        if out.len() as u64 != stub.original_len || stub::sha256(&out) != stub.checksum {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(SpillError::Corrupt("checksum mismatch".into()));
-        }
+        let framed = framed.inspect_err(|e| {
+            if matches!(e, SpillError::Corrupt(_)) {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        })?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_out
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out)
+            .fetch_add(stub.original_len, Ordering::Relaxed);
+        Ok(framed)
     }
 
     /// Bytes `start..=end` (already clamped to the value) of a spilled value. An object
@@ -366,7 +464,7 @@ impl Spill {
     }
 
     /// Fetches and decodes one object; concurrent fetches of it share one store read.
-    async fn fetch(&self, name: &str, stub: &Stub) -> Result<Bytes, SpillError> {
+    async fn fetch(&self, name: &str, stub: &Stub) -> Result<Framed, SpillError> {
         let rx = {
             let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             match m.get_mut(name) {
@@ -391,7 +489,7 @@ impl Spill {
             };
         }
         // Whatever happens below, release the waiters.
-        struct Release<'a>(&'a Spill, &'a str, Option<Result<Bytes, SpillError>>);
+        struct Release<'a>(&'a Spill, &'a str, Option<Result<Framed, SpillError>>);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
                 let waiters = self
@@ -415,35 +513,56 @@ impl Spill {
         result
     }
 
-    async fn fetch_decode(&self, name: &str, stub: &Stub) -> Result<Bytes, SpillError> {
-        let stored = self
-            .timed(OP_GET, self.store.get(name))
-            .await
-            .inspect_err(|_| {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-            })?;
-        if stored.len() as u64 != stub.stored_len {
-            return Err(SpillError::Corrupt(format!(
-                "object {name} has {} bytes, stub says {}",
-                stored.len(),
+    /// Reads an object into its reply's buffer (stored raw) or reads it and decompresses
+    /// it there (zstd); then checks it against the stub. The value is written once, by
+    /// the read or by the decompression, and not copied after (`bench/spill.sh` counts).
+    async fn fetch_decode(&self, name: &str, stub: &Stub) -> Result<Framed, SpillError> {
+        let original = stub.original_len as usize;
+        let mismatch = |got: usize| {
+            SpillError::Corrupt(format!(
+                "object {name} has {got} bytes, stub says {}",
                 stub.stored_len
-            )));
-        }
-        match stub.codec {
-            Codec::Raw => Ok(stored),
-            Codec::Zstd => {
-                let cap = stub.original_len as usize;
-                let decode = move || zstd::bulk::decompress(&stored, cap);
-                let out = if cap > BLOCKING_ABOVE {
-                    tokio::task::spawn_blocking(decode)
-                        .await
-                        .map_err(|e| SpillError::Corrupt(format!("decompression task: {e}")))?
-                } else {
-                    decode()
-                };
-                out.map(Bytes::from)
-                    .map_err(|e| SpillError::Corrupt(format!("zstd: {e}")))
+            ))
+        };
+        let count_err = |_: &StoreError| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        };
+        let (original_len, checksum) = (stub.original_len, stub.checksum);
+        let finish: Box<dyn FnOnce() -> Result<Framed, SpillError> + Send> = match stub.codec {
+            Codec::Raw => {
+                let buf = Framed::buffer(original);
+                let header = buf.len();
+                let buf = self
+                    .timed(OP_GET, self.store.get_into(name, buf, stub.stored_len))
+                    .await
+                    .inspect_err(count_err)?;
+                if (buf.len() - header) as u64 != stub.stored_len {
+                    return Err(mismatch(buf.len() - header));
+                }
+                Box::new(move || Framed::finish(buf, original_len, &checksum))
             }
+            Codec::Zstd => {
+                let stored = self
+                    .timed(OP_GET, self.store.get(name))
+                    .await
+                    .inspect_err(count_err)?;
+                if stored.len() as u64 != stub.stored_len {
+                    return Err(mismatch(stored.len()));
+                }
+                Box::new(move || {
+                    let mut buf = Framed::buffer(original);
+                    decompress_into(&stored, &mut buf, original)?;
+                    Framed::finish(buf, original_len, &checksum)
+                })
+            }
+        };
+        // Decompression and the checksum take a large value's time off the runtime.
+        if original > BLOCKING_ABOVE {
+            tokio::task::spawn_blocking(finish)
+                .await
+                .map_err(|e| SpillError::Corrupt(format!("decoding task: {e}")))?
+        } else {
+            finish()
         }
     }
 }
@@ -465,5 +584,62 @@ fn local_signing_key(dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
             }
             Ok(hex.into_bytes())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(value: &[u8]) -> Result<Framed, SpillError> {
+        let mut buf = Framed::buffer(value.len());
+        buf.extend_from_slice(value);
+        Framed::finish(buf, value.len() as u64, &stub::sha256(value))
+    }
+
+    #[test]
+    fn a_framed_value_is_its_own_bulk_reply() {
+        for value in [&b""[..], b"v", &[7u8; 100_000]] {
+            let f = framed(value).unwrap();
+            assert_eq!(&f.value()[..], value);
+            let mut want = format!("${}\r\n", value.len()).into_bytes();
+            want.extend_from_slice(value);
+            want.extend_from_slice(b"\r\n");
+            assert_eq!(&f.into_frame()[..], &want[..]);
+        }
+        let mut buf = Framed::buffer(3);
+        buf.extend_from_slice(b"abd");
+        assert!(matches!(
+            Framed::finish(buf, 3, &stub::sha256(b"abc")),
+            Err(SpillError::Corrupt(_))
+        ));
+        let mut buf = Framed::buffer(3);
+        buf.extend_from_slice(b"abcd");
+        assert!(Framed::finish(buf, 3, &stub::sha256(b"abc")).is_err());
+    }
+
+    #[test]
+    fn decompression_writes_after_the_header_and_checks_the_length() {
+        let value: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let z = zstd::bulk::compress(&value, 3).unwrap();
+        let mut buf = Framed::buffer(value.len());
+        let header = buf.clone();
+        decompress_into(&z, &mut buf, value.len()).unwrap();
+        assert_eq!(&buf[..header.len()], &header[..]);
+        assert_eq!(&buf[header.len()..], &value[..]);
+        // The stub's length is the bound, both ways.
+        for len in [value.len() - 1, value.len() + 1, 0] {
+            let mut buf = Framed::buffer(len);
+            assert!(decompress_into(&z, &mut buf, len).is_err(), "{len}");
+        }
+        // Cut short, trailing bytes, not zstd at all.
+        let mut buf = Framed::buffer(value.len());
+        assert!(decompress_into(&z[..z.len() - 1], &mut buf, value.len()).is_err());
+        let mut long = z.clone();
+        long.push(0);
+        let mut buf = Framed::buffer(value.len());
+        assert!(decompress_into(&long, &mut buf, value.len()).is_err());
+        let mut buf = Framed::buffer(value.len());
+        assert!(decompress_into(&value[..1000], &mut buf, value.len()).is_err());
     }
 }

@@ -67,6 +67,22 @@ impl Store {
         }
     }
 
+    /// Appends an object to `buf`, reading at most `max + 1` bytes of it (the caller
+    /// knows its size from the stub, and tells a longer object by its length). The
+    /// object's bytes land where the caller wants them (after a reply's header), instead
+    /// of in a buffer of their own to be copied again.
+    pub async fn get_into(
+        &self,
+        name: &str,
+        buf: Vec<u8>,
+        max: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Store::Dir(d) => d.get_into(name, buf, max).await,
+            Store::S3(s) => s.get_into(name, buf, max).await,
+        }
+    }
+
     /// Bytes `start..start+len` of an object (the caller knows its size from the stub).
     pub async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
         match self {
@@ -291,9 +307,44 @@ impl S3Store {
         self.get_object(name, None).await
     }
 
+    /// GetObject, its body's chunks copied into `buf` as they arrive (once: collecting
+    /// them into one buffer first would copy them twice).
+    async fn get_into(
+        &self,
+        name: &str,
+        mut buf: Vec<u8>,
+        max: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut body = self.send_get(name, None).await?.body;
+        let start = buf.len();
+        let body_err = |e| StoreError::Io(format!("S3 GetObject body: {e}"));
+        while let Some(chunk) = body.try_next().await.map_err(body_err)? {
+            let room = (max + 1).saturating_sub((buf.len() - start) as u64) as usize;
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if chunk.len() >= room {
+                break;
+            }
+        }
+        Ok(buf)
+    }
+
     /// GetObject, whole or one byte range, body collected.
     async fn get_object(&self, name: &str, range: Option<String>) -> Result<Bytes, StoreError> {
-        let out = match self
+        self.send_get(name, range)
+            .await?
+            .body
+            .collect()
+            .await
+            .map(|b| b.into_bytes())
+            .map_err(|e| StoreError::Io(format!("S3 GetObject body: {e}")))
+    }
+
+    async fn send_get(
+        &self,
+        name: &str,
+        range: Option<String>,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StoreError> {
+        match self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -302,19 +353,12 @@ impl S3Store {
             .send()
             .await
         {
-            Ok(o) => o,
-            Err(e) => {
-                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
-                    return Err(StoreError::NotFound(name.to_string()));
-                }
-                return Err(s3_err("GetObject", e));
+            Ok(o) => Ok(o),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Err(StoreError::NotFound(name.to_string()))
             }
-        };
-        out.body
-            .collect()
-            .await
-            .map(|b| b.into_bytes())
-            .map_err(|e| StoreError::Io(format!("S3 GetObject body: {e}")))
+            Err(e) => Err(s3_err("GetObject", e)),
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, SystemTime)>, StoreError> {
@@ -395,6 +439,33 @@ impl DirStore {
             }
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
+    }
+
+    async fn get_into(
+        &self,
+        name: &str,
+        mut buf: Vec<u8>,
+        max: u64,
+    ) -> Result<Vec<u8>, StoreError> {
+        use std::io::Read;
+        let path = self.path(name)?;
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::NotFound(name));
+                }
+                Err(e) => return Err(StoreError::Io(e.to_string())),
+            };
+            // Read straight into the buffer's spare room: no copy in user space.
+            file.take(max.saturating_add(1))
+                .read_to_end(&mut buf)
+                .map_err(|e| StoreError::Io(e.to_string()))?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
     }
 
     async fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Bytes, StoreError> {
