@@ -114,6 +114,19 @@ fn s3_going_away_fails_requests_not_connections_and_loses_nothing() {
 
     // S3 back (empty: moto keeps nothing across restarts): spilled writes work again.
     let s3 = S3Server::start_on(port);
+    // Before its bucket is back: S3's own code and message, on one line.
+    let r = String::from_utf8_lossy(&c.cmd_bytes(&[
+        b"SET",
+        small.as_bytes(),
+        &random(THRESHOLD * 3, 4),
+    ]))
+    .into_owned();
+    assert!(
+        r.starts_with(
+            "-ERR tierproxy: spill store: S3 PutObject: NoSuchBucket: The specified bucket does not exist (HTTP 404)"
+        ),
+        "{r}"
+    );
     s3.create_bucket(BUCKET);
     let v2 = random(THRESHOLD * 3, 3);
     assert_eq!(c.cmd_bytes(&[b"SET", k.as_bytes(), &v2]), b"+OK\r\n");

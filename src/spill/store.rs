@@ -116,27 +116,60 @@ pub struct S3Store {
     part_size: usize,
 }
 
-fn s3_err<E: std::fmt::Debug>(what: &str, e: aws_sdk_s3::error::SdkError<E>) -> StoreError {
+fn s3_err<E>(what: &str, e: aws_sdk_s3::error::SdkError<E>) -> StoreError
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
     use aws_sdk_s3::error::SdkError;
     let (kind, detail) = match &e {
         SdkError::ServiceError(s) => {
-            let kind = match s.raw().status().as_u16() {
+            let status = s.raw().status().as_u16();
+            let kind = match status {
                 401 | 403 => "denied",
                 404 => "not_found",
                 429 | 503 => "throttled",
                 500..=599 => "server",
                 _ => "client",
             };
-            (kind, format!("{:?}", s.err()))
+            // S3's own code and message, as S3 wrote them (NoSuchBucket: The specified
+            // bucket does not exist), not the SDK's debug dump.
+            let err = s.err();
+            let detail = match (err.code(), err.message()) {
+                (Some(code), Some(msg)) => format!("{code}: {msg} (HTTP {status})"),
+                (Some(code), None) => format!("{code} (HTTP {status})"),
+                _ => format!("HTTP {status}: {}", chain(err)),
+            };
+            (kind, detail)
         }
         SdkError::TimeoutError(_) => ("timeout", "timed out".to_string()),
-        SdkError::DispatchFailure(d) => ("connection", format!("connection failed: {d:?}")),
-        other => ("other", format!("{other}")),
+        SdkError::DispatchFailure(d) => (
+            "connection",
+            match d.as_connector_error() {
+                Some(c) => format!("connection failed: {}", chain(c)),
+                None => "connection failed".to_string(),
+            },
+        ),
+        other => ("other", chain(other)),
     };
     StoreError::S3 {
         kind,
         msg: format!("S3 {what}: {detail}"),
     }
+}
+
+/// An error and its causes on one line: `a: b: c` (one-line RESP error text).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 impl S3Store {
