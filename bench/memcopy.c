@@ -1,9 +1,9 @@
 /* LD_PRELOAD shim for bench/copies.sh: counts the bytes a process moves with memcpy and
  * memmove (the calls that go through libc: Rust's copies of buffers and of large
- * futures), in total and in calls of at least MEMCOPY_MIN bytes (default 4096), and
- * appends the counts to the file MEMCOPY_OUT when the process exits. It does not see
- * copies made inside libraries' own loops (zstd's decoder writing its output) or by the
- * kernel (socket and file reads and writes). */
+ * futures, and C libraries' such as zstd's), in total and in calls of at least
+ * MEMCOPY_MIN bytes (default 4096), and appends the counts to the file MEMCOPY_OUT when
+ * the process exits. It does not see bytes written by a loop of their own (zstd's
+ * decoder producing its output) or copied by the kernel (socket and file I/O). */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <stdatomic.h>

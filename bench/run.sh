@@ -19,7 +19,7 @@
 #   QUICK=1 bench/run.sh                    # smoke test: small N, 1 round
 #   SKIP_TIERPROXY=1 QUICK=1 bench/run.sh   # only direct Redis and twemproxy
 #
-# Knobs (env): ROUNDS (5), N_P1 (50000), N_P16 (200000; used for every pipeline > 1),
+# Knobs (env): ROUNDS (5), N_P1 (150000), N_P16 (1000000; used for every pipeline > 1),
 # PIPELINES ("1 16"), OPS ("get set"), CLIENTS (50), KEYSPACE (100000, redis-benchmark -r),
 # DATA_SIZE (3, -d), WARMUP_N (20000), BENCH_TIMEOUT (300 s per redis-benchmark run),
 # WAIT_TIMEOUT (30 s for each server to come up), CLUSTER_RUN_SECONDS (8: direct-cluster
@@ -46,7 +46,7 @@ QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
     d_rounds=1 d_np1=5000 d_np16=20000 d_warm=2000 d_tmo=120 d_crs=2
 else
-    d_rounds=5 d_np1=50000 d_np16=200000 d_warm=20000 d_tmo=300 d_crs=8
+    d_rounds=5 d_np1=150000 d_np16=1000000 d_warm=20000 d_tmo=300 d_crs=8
 fi
 ROUNDS=${ROUNDS:-$d_rounds}
 N_P1=${N_P1:-$d_np1}
