@@ -749,3 +749,38 @@ fn serve_stale_on_error_answers_from_l1_while_the_upstream_is_down() {
         Some("1")
     );
 }
+
+/// `tierproxy_inflight_requests` counts commands from dispatch to answer; a client that
+/// leaves with a pipeline still waiting (a BLPOP, then reads behind it) takes its count
+/// with it.
+#[test]
+fn inflight_requests_return_to_zero_when_a_client_leaves_mid_pipeline() {
+    let px = Proxy::start(&[shared_standalone().addr()], &[], &[]);
+    let gauge = || px.metric("tierproxy_inflight_requests");
+    let wait_for = |want: &dyn Fn(f64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = gauge();
+            if want(v) || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    assert_eq!(gauge(), 0.0);
+    let k = format!("{}list", tag("inflight"));
+    let mut pipeline = format!("*3\r\n$5\r\nBLPOP\r\n${}\r\n{k}\r\n$2\r\n10\r\n", k.len());
+    for _ in 0..5 {
+        pipeline.push_str(&format!("*2\r\n$3\r\nGET\r\n${}\r\n{k}\r\n", k.len()));
+    }
+    let mut sock = std::net::TcpStream::connect(px.addr()).unwrap();
+    sock.write_all(pipeline.as_bytes()).unwrap();
+    let during = wait_for(&|v| v >= 1.0);
+    assert!(during >= 1.0, "the waiting BLPOP is in flight: {during}");
+    drop(sock);
+    let after = wait_for(&|v| v == 0.0);
+    assert_eq!(
+        after, 0.0,
+        "the client left: nothing of its pipeline is in flight"
+    );
+}

@@ -160,11 +160,59 @@ struct Queued {
     /// A fast-lane write's keys, marked as being written (L1 on): released once its
     /// reply is in, before the client can see it.
     guard: Option<crate::l1::WriteGuard>,
+    /// Counted in `tierproxy_inflight_requests` until the entry is dropped.
+    _inflight: InFlight,
+}
+
+/// A command counted in `tierproxy_inflight_requests` from its dispatch until its queue
+/// entry is dropped: answered, abandoned with its client, dropped with a connection the
+/// shutdown timed out, or unwound by a panic. Counting down by hand on each way out
+/// missed the last two.
+struct InFlight(());
+
+impl InFlight {
+    fn one() -> InFlight {
+        crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
+        InFlight(())
+    }
+
+    /// `n` commands dispatched: one token each, counted with one atomic add.
+    fn start(n: usize) -> InFlights {
+        crate::metrics::INFLIGHT_NOW.fetch_add(n as i64, Ordering::Relaxed);
+        InFlights(n)
+    }
+}
+
+/// Tokens counted and not handed out yet: counted down if dropped before they are.
+struct InFlights(usize);
+
+impl Iterator for InFlights {
+    type Item = InFlight;
+
+    fn next(&mut self) -> Option<InFlight> {
+        (self.0 > 0).then(|| {
+            self.0 -= 1;
+            InFlight(())
+        })
+    }
+}
+
+impl Drop for InFlights {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            crate::metrics::INFLIGHT_NOW.fetch_sub(self.0 as i64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        crate::metrics::INFLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a reply that was resolved: commandstats, the duration histogram, the slow log.
 fn account(px: &Proxy, q: &Queued, v: &Value, sess: &Session, blocking: bool, now: Instant) {
-    crate::metrics::INFLIGHT_NOW.fetch_sub(1, Ordering::Relaxed);
     let error = match v {
         Value::Error(e) => Some(e.as_bytes()),
         Value::Raw(b) if crate::parse::reply::is_error(b) => Some(&b[1..]),
@@ -412,7 +460,7 @@ where
         let raw = px.slowlog.enabled().then(|| req.raw.clone());
         let p = route::dispatch(px, sess, req).await;
         sess.l1_missed = None;
-        crate::metrics::INFLIGHT_NOW.fetch_add(1, Ordering::Relaxed);
+        let inflight = InFlight::one();
         let silent = if is_client_reply {
             sess.reply_mode != ReplyMode::On
         } else {
@@ -440,6 +488,7 @@ where
             raw,
             l1_miss: false,
             guard: None,
+            _inflight: inflight,
         });
         if barrier {
             if !drain(px, io, &mut client_gone, sess).await? {
@@ -720,8 +769,8 @@ async fn forward_group<R, W, I>(
                 .map(Some)
         })
         .collect();
-    crate::metrics::INFLIGHT_NOW.fetch_add(planned.len() as i64, Ordering::Relaxed);
-    for (info, req, planned) in planned {
+    let inflight = InFlight::start(planned.len());
+    for ((info, req, planned), inflight) in planned.into_iter().zip(inflight) {
         let raw = slowlog.then(|| req.raw.clone());
         let (p, level, l1_miss, guard) = match planned {
             Planned::Hit(reply) => (Pending::Ready(Value::Raw(reply)), Level::L1, false, None),
@@ -767,6 +816,7 @@ async fn forward_group<R, W, I>(
             raw,
             l1_miss,
             guard,
+            _inflight: inflight,
         });
     }
 }
@@ -928,7 +978,6 @@ where
     // A subscriber's messages are interleaved with its replies.
     let outbox = sess.pubsub.as_ref().map(|p| &*p.out);
     let limit = px.cfg.client.query_buffer_limit;
-    let total = pending.len();
     // A command's time starts when it was dispatched or when the reply before it was
     // resolved, whichever is later: waiting behind its own pipeline is not its time.
     let mut prev_done: Option<Instant> = None;
@@ -936,7 +985,7 @@ where
     // run: a run's members all come before the next run's), for their members in turn.
     groups.clear();
     let hint = sess.hint();
-    for (i, mut q) in pending.drain(..).enumerate() {
+    for mut q in pending.drain(..) {
         match (&q.p, prev_done) {
             // The members of a group share its time: its replies arrive together.
             (Pending::Member(m), _) => {
@@ -1036,7 +1085,6 @@ where
         };
         let Some(v) = v else {
             // This command and the ones after it are abandoned with the client.
-            crate::metrics::INFLIGHT_NOW.fetch_sub((total - i) as i64, Ordering::Relaxed);
             return Ok(false);
         };
         // The write is acknowledged: reads may fill again (see `L1::begin_write`).
@@ -1057,20 +1105,13 @@ where
                     write_out(wr, out, None, stall).await?;
                     write_all_watched(wr, b, stall).await
                 };
-                if let Err(e) = sent.await {
-                    crate::metrics::INFLIGHT_NOW
-                        .fetch_sub((total - i - 1) as i64, Ordering::Relaxed);
-                    return Err(e);
-                }
+                sent.await?;
                 continue;
             }
             v => v.encode(q.proto, out),
         }
         if out.len() >= out_limit {
-            if let Err(e) = write_out(wr, out, outbox, stall).await {
-                crate::metrics::INFLIGHT_NOW.fetch_sub((total - i - 1) as i64, Ordering::Relaxed);
-                return Err(e);
-            }
+            write_out(wr, out, outbox, stall).await?;
         }
     }
     // The list stays; the replies it holds go (they share the connections' read buffers).
