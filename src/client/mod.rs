@@ -1166,3 +1166,29 @@ fn is_error_reply(v: &Value) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test in this binary that counts in-flight commands: it reads the
+    /// gauge's changes, with nothing else moving it.
+    #[test]
+    fn in_flight_tokens_count_down_however_they_go() {
+        let gauge = || crate::metrics::INFLIGHT_NOW.load(Ordering::Relaxed);
+        let base = gauge();
+        let mut tokens = InFlight::start(3);
+        let first = tokens.next().expect("three counted");
+        assert_eq!(gauge(), base + 3);
+        // Two never handed out (a run dropped half way): counted down with the rest.
+        drop(tokens);
+        assert_eq!(gauge(), base + 1);
+        // One in a queue entry that is dropped, not answered (a panic, a dropped task).
+        drop(first);
+        assert_eq!(gauge(), base);
+        let one = InFlight::one();
+        assert_eq!(gauge(), base + 1);
+        drop(one);
+        assert_eq!(gauge(), base);
+    }
+}

@@ -158,6 +158,15 @@ fn decompress_into(src: &[u8], buf: &mut Vec<u8>, len: usize) -> Result<(), Spil
     let start = buf.len();
     buf.reserve_exact(len);
     let mut decoder = Decoder::new().map_err(|e| corrupt(e.to_string()))?;
+    // No window beyond what a value of this length needs (the compressor fits it to the
+    // value, 1 KiB at least), with room to spare: an object that declares a larger one
+    // is refused before its window is allocated.
+    let need = usize::BITS - len.saturating_sub(1).leading_zeros();
+    decoder
+        .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(
+            (need + 1).clamp(10, 31),
+        ))
+        .map_err(|e| corrupt(e.to_string()))?;
     let mut input = InBuffer::around(src);
     let mut out = OutBuffer::around_pos(buf, start);
     loop {
@@ -414,14 +423,13 @@ impl Spill {
                 decompress_into(p, &mut buf, original)
                     .and_then(|()| Framed::finish(buf, stub.original_len, &stub.checksum))
             }
-            (Body::Object(name), _) => {
-                let out = self.fetch(name, &stub).await;
+            // Its failures are counted by the read they share (`fetch_decode`).
+            (Body::Object(name), _) => self.fetch(name, &stub).await.inspect(|_| {
                 crate::metrics::mark_store_read();
-                out
-            }
+            }),
         };
-        let framed = framed.inspect_err(|e| {
-            if matches!(e, SpillError::Corrupt(_)) {
+        let framed = framed.inspect_err(|_| {
+            if matches!(stub.body, Body::Inline(_)) {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
             }
         })?;
@@ -517,15 +525,19 @@ impl Spill {
     /// it there (zstd); then checks it against the stub. The value is written once, by
     /// the read or by the decompression, and not copied after (`bench/spill.sh` counts).
     async fn fetch_decode(&self, name: &str, stub: &Stub) -> Result<Framed, SpillError> {
+        // Counted once per store read: the readers that shared it are not counted again.
+        self.read_object(name, stub).await.inspect_err(|_| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    async fn read_object(&self, name: &str, stub: &Stub) -> Result<Framed, SpillError> {
         let original = stub.original_len as usize;
         let mismatch = |got: usize| {
             SpillError::Corrupt(format!(
                 "object {name} has {got} bytes, stub says {}",
                 stub.stored_len
             ))
-        };
-        let count_err = |_: &StoreError| {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
         };
         let (original_len, checksum) = (stub.original_len, stub.checksum);
         let finish: Box<dyn FnOnce() -> Result<Framed, SpillError> + Send> = match stub.codec {
@@ -534,18 +546,19 @@ impl Spill {
                 let header = buf.len();
                 let buf = self
                     .timed(OP_GET, self.store.get_into(name, buf, stub.stored_len))
-                    .await
-                    .inspect_err(count_err)?;
+                    .await?;
                 if (buf.len() - header) as u64 != stub.stored_len {
                     return Err(mismatch(buf.len() - header));
                 }
                 Box::new(move || Framed::finish(buf, original_len, &checksum))
             }
             Codec::Zstd => {
+                // Never more than the stub's length plus one is read: an object swapped
+                // for a huge file costs no more than the real one.
+                let room = Vec::with_capacity(stub.stored_len as usize);
                 let stored = self
-                    .timed(OP_GET, self.store.get(name))
-                    .await
-                    .inspect_err(count_err)?;
+                    .timed(OP_GET, self.store.get_into(name, room, stub.stored_len))
+                    .await?;
                 if stored.len() as u64 != stub.stored_len {
                     return Err(mismatch(stored.len()));
                 }
@@ -627,8 +640,9 @@ mod tests {
         decompress_into(&z, &mut buf, value.len()).unwrap();
         assert_eq!(&buf[..header.len()], &header[..]);
         assert_eq!(&buf[header.len()..], &value[..]);
-        // The stub's length is the bound, both ways.
-        for len in [value.len() - 1, value.len() + 1, 0] {
+        // The stub's length is the bound, both ways (3 short: past the buffer's spare
+        // room, refused while decoding; 1 short: by the final length check).
+        for len in [value.len() - 3, value.len() - 1, value.len() + 1, 0] {
             let mut buf = Framed::buffer(len);
             assert!(decompress_into(&z, &mut buf, len).is_err(), "{len}");
         }
@@ -641,5 +655,26 @@ mod tests {
         assert!(decompress_into(&long, &mut buf, value.len()).is_err());
         let mut buf = Framed::buffer(value.len());
         assert!(decompress_into(&value[..1000], &mut buf, value.len()).is_err());
+        // A frame that declares no size and a window far beyond the value's (what a
+        // tampered object could) is refused, not given its window.
+        let small = &value[..2000];
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        enc.set_parameter(zstd::stream::raw::CParameter::WindowLog(27))
+            .unwrap();
+        std::io::Write::write_all(&mut enc, small).unwrap();
+        let z = enc.finish().unwrap();
+        let mut buf = Framed::buffer(small.len());
+        let e = decompress_into(&z, &mut buf, small.len()).unwrap_err();
+        assert!(e.to_string().contains("zstd"), "{e}");
+        // What the proxy writes (bulk, size known) decodes at every size around a
+        // power of two, where the window bound is tightest.
+        for n in [0usize, 1, 1023, 1024, 1025, 65_536, 65_537, 1 << 20] {
+            let v: Vec<u8> = (0..n).map(|i| (i * 7 % 253) as u8).collect();
+            let z = zstd::bulk::compress(&v, 19).unwrap();
+            let mut buf = Framed::buffer(n);
+            let header = buf.len();
+            decompress_into(&z, &mut buf, n).unwrap();
+            assert_eq!(&buf[header..], &v[..], "{n}");
+        }
     }
 }
