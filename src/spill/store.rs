@@ -60,13 +60,6 @@ impl Store {
         }
     }
 
-    pub async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
-        match self {
-            Store::Dir(d) => d.get(name).await,
-            Store::S3(s) => s.get(name).await,
-        }
-    }
-
     /// Appends an object to `buf`, reading at most `max + 1` bytes of it (the caller
     /// knows its size from the stub, and tells a longer object by its length). The
     /// object's bytes land where the caller wants them (after a reply's header), instead
@@ -336,10 +329,6 @@ impl S3Store {
         Ok(b)
     }
 
-    async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
-        self.get_object(name, None).await
-    }
-
     /// GetObject, its body's chunks copied into `buf` as they arrive (once: collecting
     /// them into one buffer first would copy them twice).
     async fn get_into(
@@ -461,17 +450,6 @@ impl DirStore {
             .await
             .map_err(|e| StoreError::Io(e.to_string()))?
             .map_err(|e| StoreError::Io(e.to_string()))
-    }
-
-    async fn get(&self, name: &str) -> Result<Bytes, StoreError> {
-        let path = self.path(name)?;
-        match tokio::fs::read(&path).await {
-            Ok(b) => Ok(Bytes::from(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(StoreError::NotFound(name.to_string()))
-            }
-            Err(e) => Err(StoreError::Io(e.to_string())),
-        }
     }
 
     async fn get_into(
